@@ -1,0 +1,26 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Each creates .venv if missing and installs the package with the versions pinned in constraints.txt.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test
+
+demo: $(VENV)/.installed
+	$(PY) -m lpl_jax.demo --workdir=runs/demo
+
+test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check lpl_jax tests benchmarks
+	$(PY) -m pytest -q tests
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(VENV)/bin/python setup.py constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/bin/python setup.py constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@ $(VENV)/.installed

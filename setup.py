@@ -1,0 +1,32 @@
+"""lpl-jax: latent diffusion with the latent perceptual loss, in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name='lpl_jax',
+    version='0.1.0',
+    description='Latent perceptual loss (Berrada et al., ICLR 2025) and a TPU-first latent diffusion trainer in JAX.',
+    packages=setuptools.find_packages(include=['lpl_jax', 'lpl_jax.*']),
+    python_requires='>=3.11',
+    install_requires=[
+        'jax>=0.10.2,<0.11',
+        'flax>=0.12.8',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8',
+        'grain>=0.2.18',
+        'ml_collections>=1.1.0',
+        'tensorflow-datasets>=4.9.10',
+        'chex>=0.1.92',
+        'numpy>=2.0',
+        'safetensors>=0.8.0',
+        'pillow>=11.0',
+        'tqdm>=4.67',
+        'matplotlib>=3.10',
+        'scikit-image>=0.26.0',  # ships the photographs of the embedded default data set
+    ],
+    extras_require={
+        # Parity tests compare against diffusers' PyTorch modules. torch is pinned exactly: the 2.13.0 CPU build
+        # is what this project tests with, and a looser range pulls a multi-GB CUDA build.
+        'test': ['pytest>=9.0', 'ruff>=0.17', 'torch==2.13.0', 'diffusers>=0.42.1'],
+    },
+)
