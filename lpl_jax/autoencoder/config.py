@@ -7,7 +7,8 @@ same encoder with a wider, deeper decoder (its own widths and depth) plus a mask
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # Keys of a diffusers config.json that describe nothing the Flax model needs (bookkeeping, tiling, fp16 upcasting).
 _IGNORED_KEYS = frozenset({'force_upcast', 'sample_size', 'latents_mean', 'latents_std'})

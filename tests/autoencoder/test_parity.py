@@ -46,7 +46,7 @@ def torch_features(vae, z, num_blocks, apply_post_quant_conv):
   return captured
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(folder):
   return ae.from_diffusers(folder)
 
