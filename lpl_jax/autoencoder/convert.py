@@ -188,7 +188,13 @@ def save_diffusers(folder: str | os.PathLike, model: AutoencoderKL, params: Mapp
   read."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
+  folder = os.fspath(folder)
   os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, CONFIG_NAME), 'w') as f:
-    json.dump(model.config.to_diffusers_config(), f, indent=2)
-  save_file(flax_to_state_dict(params), os.path.join(folder, WEIGHTS_NAME))
+  config = model.config.to_diffusers_config()  # raises before anything is written if not expressible
+  # Each file is written under a temporary name and renamed, so a reader never sees a half-written file.
+  weights_tmp, config_tmp = (os.path.join(folder, f'.{name}.tmp') for name in (WEIGHTS_NAME, CONFIG_NAME))
+  save_file(flax_to_state_dict(params), weights_tmp)
+  with open(config_tmp, 'w') as f:
+    json.dump(config, f, indent=2)
+  os.replace(weights_tmp, os.path.join(folder, WEIGHTS_NAME))
+  os.replace(config_tmp, os.path.join(folder, CONFIG_NAME))
