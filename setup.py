@@ -18,6 +18,7 @@ setuptools.setup(
         'tensorflow-datasets>=4.9.10',
         'chex>=0.1.92',
         'numpy>=2.0',
+        'ml_dtypes>=0.6.0',
         'safetensors>=0.8.0',
         'pillow>=11.0',
         'tqdm>=4.67',

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections.abc import Mapping
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from lpl_jax.autoencoder.config import AutoencoderConfig
@@ -136,8 +138,6 @@ def read_config(folder: str | os.PathLike) -> AutoencoderConfig:
 
 def load_state_dict(folder: str | os.PathLike, variant: str | None = None) -> dict[str, np.ndarray]:
   """All tensors of the folder's safetensors weights (single file or sharded with an index), as NumPy arrays."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-
   folder = os.fspath(folder)
   stem, ext = os.path.splitext(WEIGHTS_NAME)
   name = f'{stem}.{variant}{ext}' if variant else WEIGHTS_NAME
@@ -157,11 +157,41 @@ def load_state_dict(folder: str | os.PathLike, variant: str | None = None) -> di
   for file in files:
     if not os.path.isfile(file):
       raise FileNotFoundError(f'weight shard {file!r} listed in the index is missing.')
-    # The flax framework reads every dtype safetensors knows (bf16 included); arrays go to host memory here.
-    with safe_open(file, framework='flax') as f:
-      for key in f.keys():
-        state[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+    state.update(read_safetensors(file))
   return state
+
+
+_SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Every tensor of a `.safetensors` file as a float32 NumPy array, on the host.
+
+  The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape, byte offsets) and the
+  raw data. It is parsed here rather than with `safetensors.safe_open` because that reader has no NumPy bfloat16
+  and its flax reader would route every tensor through the accelerator.
+  """
+  with open(path, 'rb') as f:
+    raw = f.read()
+  try:
+    (header_len,) = struct.unpack('<Q', raw[:8])
+    header = json.loads(raw[8:8 + header_len])
+  except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f'{path!r} is not a safetensors file: {e}') from e
+  data = memoryview(raw)[8 + header_len:]
+  out = {}
+  for name, info in header.items():
+    if name == '__metadata__':
+      continue
+    if info['dtype'] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f'{path!r}: tensor {name} has dtype {info["dtype"]}; autoencoder weights must be floating '
+                       f'point ({sorted(_SAFETENSORS_DTYPES)}).')
+    begin, end = info['data_offsets']
+    dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']])
+    if end > len(data) or end - begin != dtype.itemsize * int(np.prod(info['shape'])):
+      raise ValueError(f'{path!r}: tensor {name} has inconsistent offsets (truncated file?).')
+    out[name] = np.frombuffer(data[begin:end], dtype=dtype).reshape(info['shape']).astype(np.float32)
+  return out
 
 
 def from_diffusers(folder: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,

@@ -125,3 +125,27 @@ def test_bf16_safetensors_are_read(kl_copy, tmp_path):
 def test_name_mapping(name, ndim, path):
   assert torch_name_to_path(name, ndim) == path
   assert path_to_torch_name(path) == name.replace('proj_attn', 'to_out.0')
+
+
+def test_truncated_or_foreign_weights_file(kl_copy):
+  folder, _ = kl_copy
+  raw = (folder / WEIGHTS).read_bytes()
+  (folder / WEIGHTS).write_bytes(raw[:len(raw) // 2])
+  with pytest.raises(ValueError, match='inconsistent offsets'):
+    ae.from_diffusers(folder)
+  (folder / WEIGHTS).write_bytes(b'PK\x03\x04 this is a zip file')
+  with pytest.raises(ValueError, match='is not a safetensors file'):
+    ae.from_diffusers(folder)
+
+
+def test_fp16_safetensors_match_safetensors_own_reader(kl_copy):
+  from safetensors.numpy import load_file as load_np
+
+  from lpl_jax.autoencoder.convert import read_safetensors
+  folder, state = kl_copy
+  save_file({k: v.astype(np.float16) for k, v in state.items()}, str(folder / 'half.safetensors'))
+  ours, theirs = read_safetensors(str(folder / 'half.safetensors')), load_np(str(folder / 'half.safetensors'))
+  assert ours.keys() == theirs.keys()
+  for k in ours:
+    assert ours[k].dtype == np.float32
+    np.testing.assert_array_equal(ours[k], theirs[k].astype(np.float32))
