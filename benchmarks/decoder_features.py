@@ -66,6 +66,23 @@ def measure(fn, args: tuple, iters: int) -> dict[str, Any]:
               out=getattr(mem, 'output_size_in_bytes', None))
 
 
+def saved_activation_bytes(fn, args: tuple) -> float | None:
+  """Bytes of the residuals JAX saves from the forward pass for the backward pass, excluding the inputs.
+
+  This is what rematerialisation reduces, and what LPL holds per row in a training step while the denoiser's own
+  residuals are alive too. It is counted on the jaxpr, before XLA fuses elementwise ops into their consumers, so it
+  is an upper bound on what the compiled program stores; the temp-memory column is the compiled peak of this
+  isolated function, dominated by the working set of the largest block's backward. Uses JAX's residual
+  inspection, which is not public API.
+  """
+  try:
+    from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return float(sum(aval.size * aval.dtype.itemsize for aval, source in saved_residuals(fn, *args)
+                   if not source.startswith('from the argument')))
+
+
 def _fmt(value: float | None, scale: float, spec: str) -> str:
   return 'n/a' if value is None else format(value / scale, spec)
 
@@ -107,19 +124,22 @@ def main(argv: list[str] | None = None) -> None:
 
     for name, fn in (('fwd', features), ('fwd+bwd', jax.grad(loss, argnums=1))):
       results[name, remat] = measure(fn, (params, z), args.iters)
+    results['fwd+bwd', remat]['saved'] = saved_activation_bytes(loss, (params, z))
 
   header = f'{"function":<9} {"remat":<6} {"compile s":>9} {"median ms":>10} {"GFLOP":>9} {"temp MiB":>9} ' \
-           f'{"args MiB":>9} {"out MiB":>8}'
+           f'{"args MiB":>9} {"out MiB":>8} {"resid MiB":>9}'
   print('\n' + header + '\n' + '-' * len(header))
   for name, remat in sorted(results, key=lambda k: (k[0] != 'fwd', k[1])):
     r = results[name, remat]
     print(f'{name:<9} {str(remat):<6} {r["compile_s"]:>9.1f} {r["ms"]:>10.1f} {_fmt(r["flops"], 1e9, ".2f"):>9} '
-          f'{_fmt(r["temp"], MIB, ".1f"):>9} {_fmt(r["arg"], MIB, ".1f"):>9} {_fmt(r["out"], MIB, ".1f"):>8}')
+          f'{_fmt(r["temp"], MIB, ".1f"):>9} {_fmt(r["arg"], MIB, ".1f"):>9} {_fmt(r["out"], MIB, ".1f"):>8} '
+          f'{_fmt(r.get("saved"), MIB, ".1f"):>9}')
   print('\nremat / no-remat:')
   for name in ('fwd', 'fwd+bwd'):
     on, off = results[name, True], results[name, False]
     print(f'  {name:<8} time {_ratio(on["ms"], off["ms"])}  FLOPs {_ratio(on["flops"], off["flops"])}  '
-          f'temp memory {_ratio(on["temp"], off["temp"])}')
+          f'temp memory {_ratio(on["temp"], off["temp"])}'
+          + (f'  saved activations {_ratio(on["saved"], off["saved"])}' if name == 'fwd+bwd' else ''))
 
 
 if __name__ == '__main__':
