@@ -1,0 +1,193 @@
+"""The latent perceptual loss: decoder features of `z0` and `z0_hat`, masked, normalised, weighted, per sample.
+
+```
+target = stop_gradient(features(z0))       pred = features(z0_hat)      (only as deep as the deepest used tap)
+per used tap l:  mask_l  = outlier_mask(pred_l or target_l)             (on outlier_layers, Algorithm 1)
+                 p, t    = normalise(pred_l, target_l [* mask_l])
+                 d_l     = masked_distance(p, t, mask_l)                [B]
+loss = reduce_l(omega_l * d_l)                                          [B]
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from lpl_jax.autoencoder import AutoencoderKL
+from lpl_jax.lpl import terms
+from lpl_jax.lpl.config import LPLConfig
+from lpl_jax.lpl.outliers import outlier_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturesFn:
+  """Decoder features of latents in diffusion (scaled) space, bound to frozen autoencoder params.
+
+  `fn(z_scaled, num_blocks) -> [mid, up_0, ..., up_{num_blocks-1}]`; `fn.decode(z_scaled) -> RGB`. The latents are
+  unscaled with the model's `scaling_factor`/`shift_factor`; the params are under `stop_gradient`, so no gradient
+  is ever computed for them.
+  """
+
+  model: AutoencoderKL
+  params: Any
+  apply_post_quant_conv: bool = True
+
+  @property
+  def downsample_factor(self) -> int:
+    return self.model.config.downsample_factor
+
+  def __call__(self, z_scaled: jax.Array, num_blocks: int) -> list[jax.Array]:
+    params = jax.lax.stop_gradient(self.params)
+    z = self.model.unscale_latents(z_scaled)
+    return self.model.apply({'params': params}, z, num_blocks, self.apply_post_quant_conv,
+                            method=AutoencoderKL.decoder_features)
+
+  def decode(self, z_scaled: jax.Array) -> jax.Array:
+    params = jax.lax.stop_gradient(self.params)
+    return self.model.apply({'params': params}, self.model.unscale_latents(z_scaled), method=AutoencoderKL.decode)
+
+
+def make_features_fn(model: AutoencoderKL, params: Any, cfg: LPLConfig) -> FeaturesFn:
+  """Binds the autoencoder (rematerialised per block if `cfg.remat`) to its frozen params for `lpl_loss`.
+
+  Call it inside the jitted step with the autoencoder params passed to the step as an argument.
+  """
+  if cfg.num_blocks > model.config.num_up_blocks:
+    raise ValueError(f'decoder has {model.config.num_up_blocks} up blocks, LPLConfig.num_blocks asks for '
+                     f'{cfg.num_blocks}.')
+  return FeaturesFn(model.clone(remat=cfg.remat), params, cfg.apply_post_quant_conv)
+
+
+def kernel_scale(cfg: LPLConfig, image_size: int) -> float:
+  return image_size / cfg.base_resolution if cfg.scale_with_resolution else 1.0
+
+
+def _scaled_kernel(size: int, scale: float) -> int:
+  """A base kernel grown with resolution, kept odd so the filtered map keeps its size."""
+  if scale == 1.0:
+    return size
+  grown = max(1, round(size * scale))
+  return grown + (grown % 2 == 0)
+
+
+def layer_down_factors(shapes: list[tuple[int, ...]], image_size: int) -> list[float]:
+  """Output image resolution / tap resolution (e.g. 8, 4, 2, 1, 1 for an SD decoder)."""
+  return [image_size / s[1] for s in shapes]
+
+
+def lpl_loss(features_fn: Callable[[jax.Array, int], list[jax.Array]], z0_hat: jax.Array, z0: jax.Array,
+             cfg: LPLConfig, *, sample_weights: jax.Array | None = None,
+             downsample_factor: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Latent perceptual loss per sample.
+
+  Args:
+    features_fn: `(z_scaled, num_blocks) -> [mid, up_0, ...]`, e.g. from `make_features_fn`. For
+      `cfg.space == 'image'` it must also have `.decode(z_scaled)`.
+    z0_hat: `[B, h, w, c]` the model's estimate of the clean latent, in diffusion (scaled) space.
+    z0: `[B, h, w, c]` the clean latent (no gradient flows into it).
+    cfg: the loss configuration.
+    sample_weights: optional `[B]` multipliers (e.g. a noise-level gate from `gate_weights`).
+    downsample_factor: image pixels per latent pixel; taken from `features_fn.downsample_factor` if omitted.
+
+  Returns:
+    `(loss [B], aux)`; aux holds `layer_loss [B, L]` (the unweighted per-tap distances of the used taps),
+    `outlier_fraction [B, L]` (fraction of positions masked, 0 where no mask) and `layer_weights [L]`.
+  """
+  chex.assert_rank([z0_hat, z0], 4)
+  chex.assert_equal_shape([z0_hat, z0])
+  factor = downsample_factor or getattr(features_fn, 'downsample_factor', None)
+  if factor is None:
+    raise ValueError('lpl_loss needs the autoencoder downsample factor: pass downsample_factor= or a features_fn '
+                     'with a downsample_factor attribute (make_features_fn gives one).')
+  image_size = z0.shape[1] * factor
+  z0 = jax.lax.stop_gradient(z0)
+
+  if cfg.space == 'image':
+    if not hasattr(features_fn, 'decode'):
+      raise ValueError("LPLConfig.space='image' needs a features_fn with .decode (use make_features_fn).")
+    pred, target = features_fn.decode(z0_hat), jax.lax.stop_gradient(features_fn.decode(z0))
+    loss = terms.masked_distance(pred, target, distance=cfg.distance)
+    aux = dict(layer_loss=loss[:, None], outlier_fraction=jnp.zeros_like(loss)[:, None],
+               layer_weights=jnp.ones((1,)))
+    return _weighted(loss, sample_weights), aux
+
+  depth = cfg.deepest_block
+  target_feats = jax.lax.stop_gradient(features_fn(z0, depth))
+  pred_feats = features_fn(z0_hat, depth)
+  layers = cfg.used_layers
+  shapes = [tuple(target_feats[i].shape) for i in layers]
+  if cfg.layer_weights is not None:
+    weights = cfg.layer_weights
+  else:
+    weights = terms.depth_weights(cfg.depth_weights, layers, [s[1] for s in shapes])
+  scale = kernel_scale(cfg, image_size)
+  opening, closing = _scaled_kernel(cfg.opening, scale), _scaled_kernel(cfg.closing, scale)
+
+  layer_losses, fractions = [], []
+  for i, down in zip(layers, layer_down_factors(shapes, image_size)):
+    pred, target = pred_feats[i].astype(jnp.float32), target_feats[i].astype(jnp.float32)
+    mask = None
+    if cfg.outlier_removal and i in cfg.outlier_layers:
+      source = pred if cfg.mask_source == 'pred' else target
+      mask = outlier_mask(source, quant=cfg.quant, down_factor=down, opening=opening, closing=closing,
+                          margin_std=cfg.margin_std, approx=cfg.approx_top_k, recall_target=cfg.approx_recall)
+      target = jnp.where(mask, target, 0.0)  # Algorithm 1 returns the masked features
+    pred, target = terms.normalize(cfg.normalization, pred, target, mask)
+    layer_losses.append(terms.masked_distance(pred, target, mask, distance=cfg.distance))
+    fractions.append(jnp.zeros(pred.shape[0]) if mask is None else 1.0 - jnp.mean(mask, axis=(1, 2, 3)))
+
+  layer_loss = jnp.stack(layer_losses, axis=1)  # [B, L]
+  w = jnp.asarray(weights, jnp.float32)
+  loss = jnp.sum(layer_loss * w, axis=1)
+  if cfg.reduction == 'mean':
+    loss = loss / len(layers)
+  aux = dict(layer_loss=layer_loss, outlier_fraction=jnp.stack(fractions, axis=1), layer_weights=w)
+  return _weighted(loss, sample_weights), aux
+
+
+def _weighted(loss: jax.Array, sample_weights: jax.Array | None) -> jax.Array:
+  if sample_weights is None:
+    return loss
+  chex.assert_shape(sample_weights, loss.shape)
+  return loss * sample_weights
+
+
+def noise_level_gate(alpha: jax.Array, sigma: jax.Array, *, tau: float, resolution: int,
+                     base_resolution: int = 256) -> jax.Array:
+  """1.0 where the noise level sigma_t / alpha_t <= tau * resolution / base_resolution, else 0.0 (`[B]`).
+
+  The threshold grows with resolution as the paper's section 4.1 prescribes (after Esser et al. 2024).
+  """
+  threshold = tau * resolution / base_resolution
+  return (sigma <= threshold * alpha).astype(jnp.float32)
+
+
+def timestep_gate(t: jax.Array, *, threshold: int | float) -> jax.Array:
+  """The reference's gate: 1.0 where `t < threshold` (`[B]`)."""
+  return (t < threshold).astype(jnp.float32)
+
+
+def gate_weights(cfg: LPLConfig, *, resolution: int, alpha: jax.Array | None = None, sigma: jax.Array | None = None,
+                 t: jax.Array | None = None) -> jax.Array | None:
+  """Per-sample weights of `cfg.gate` (None for `'none'`)."""
+  if cfg.gate == 'none':
+    return None
+  if cfg.gate == 'snr':
+    if alpha is None or sigma is None:
+      raise ValueError("LPLConfig.gate='snr' needs alpha and sigma.")
+    scale = resolution if cfg.scale_with_resolution else cfg.base_resolution
+    return noise_level_gate(alpha, sigma, tau=cfg.tau, resolution=scale, base_resolution=cfg.base_resolution)
+  if t is None:
+    raise ValueError("LPLConfig.gate='timestep' needs t.")
+  return timestep_gate(t, threshold=cfg.t_threshold)
+
+
+def noise_level_threshold(cfg: LPLConfig, resolution: int) -> float:
+  """The sigma/alpha threshold in force at `resolution` (for the stratified timestep sampler)."""
+  return cfg.tau * (resolution / cfg.base_resolution if cfg.scale_with_resolution else 1.0)

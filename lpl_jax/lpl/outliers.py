@@ -1,0 +1,123 @@
+"""Outlier masks of decoder feature maps (the paper's Algorithm 1, appendix A.3), with static shapes.
+
+Some decoder channels carry small patches whose activations are orders of magnitude above the rest; left in, they
+dominate the loss. Per sample and channel, values outside `[q_low - m, q_high + m]` are outliers, where `q_low` and
+`q_high` are the `quant` and `1 - quant` quantiles of the map (the k-th smallest values, as `torch.kthvalue`) and
+`m = margin_std * std` (Bessel-corrected, no gradient). The keep-mask is then smoothed by a max-filter (kernel
+`closing`) followed by a min-filter (kernel `opening`), stride 1, same size; padding never wins.
+"""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def morphology_kernels(opening: int, closing: int, down_factor: int | float = 1) -> tuple[int, int]:
+  """Algorithm 1's kernel sizes for a layer `down_factor` times smaller than the output image.
+
+  `ceil(size / down_factor)`, then its two special cases: an opening of 2 becomes 3, a closing of 2 becomes 1.
+  Any other even size is made odd (+1): Algorithm 1's `MaxPool2d(k, padding=(k-1)//2)` would shrink the map by one
+  pixel there, which only happens with kernels grown for resolutions above 256.
+
+  Returns:
+    `(opening, closing)` for this layer.
+  """
+  if opening < 1 or closing < 1:
+    raise ValueError(f'morphology kernel sizes must be >= 1, got opening={opening}, closing={closing}.')
+  if down_factor <= 0:
+    raise ValueError(f'down_factor must be positive, got {down_factor}.')
+  opening, closing = math.ceil(opening / down_factor), math.ceil(closing / down_factor)
+  if opening == 2:
+    opening = 3
+  if closing == 2:
+    closing = 1
+  return opening + (opening % 2 == 0), closing + (closing % 2 == 0)
+
+
+def quantile_ranks(num: int, quant: float) -> tuple[int, int]:
+  """1-based ranks `(k_low, k_high)` of Algorithm 1: `int(num * quant)` and `int(num * (1 - quant))`.
+
+  Algorithm 1 calls `kthvalue(0)` (an error in PyTorch) when `num * quant < 1`; here the rank is clamped to 1, i.e.
+  the minimum (and symmetrically the maximum).
+  """
+  k_low = min(max(int(num * quant), 1), num)
+  k_high = min(max(int(num * (1 - quant)), 1), num)
+  return k_low, k_high
+
+
+def kth_smallest_pair(x: jax.Array, k_low: int, k_high: int, *, approx: bool = False,
+                      recall_target: float = 0.95) -> tuple[jax.Array, jax.Array]:
+  """The `k_low`-th and `k_high`-th smallest values along the last axis (1-based), from the two tails with top-k.
+
+  Both tails are short (`k_low` and `num - k_high + 1` elements), so no full sort is done. `approx=True` uses
+  `lax.approx_max_k`/`approx_min_k`, which are fast on TPU (and exact elsewhere).
+  """
+  num = x.shape[-1]
+  n_high = num - k_high + 1  # the k_high-th smallest is the (num - k_high + 1)-th largest
+  if approx:
+    low = lax.approx_min_k(x, k_low, recall_target=recall_target)[0][..., k_low - 1]
+    high = lax.approx_max_k(x, n_high, recall_target=recall_target)[0][..., n_high - 1]
+  else:
+    low = -lax.top_k(-x, k_low)[0][..., k_low - 1]
+    high = lax.top_k(x, n_high)[0][..., n_high - 1]
+  return low, high
+
+
+def _filter(x: jax.Array, size: int, op) -> jax.Array:
+  """Stride-1 max (op=lax.max) or min filter over H and W of `[B, H, W, C]`, same-size output.
+
+  The padding takes the reduction's identity (-inf for max, +inf for min), so it never wins, as MaxPool2d's.
+  """
+  if size == 1:
+    return x
+  init = -jnp.inf if op is lax.max else jnp.inf
+  pad = (size - 1) // 2
+  return lax.reduce_window(x, jnp.array(init, x.dtype), op, (1, size, size, 1), (1, 1, 1, 1),
+                           ((0, 0), (pad, size - 1 - pad), (pad, size - 1 - pad), (0, 0)))
+
+
+def outlier_mask(feat: jax.Array, *, quant: float = 0.02, down_factor: int | float = 1, opening: int = 5,
+                 closing: int = 3, margin_std: float = 2.0, approx: bool = False,
+                 recall_target: float = 0.95) -> jax.Array:
+  """Keep-mask of one feature map (Algorithm 1): True where the value is not an outlier.
+
+  Args:
+    feat: `[B, H, W, C]` features (any float dtype; computed in float32, no gradient flows through the mask).
+    quant: tail mass of the quantiles, in [0, 0.5).
+    down_factor: output image resolution / this layer's resolution; shrinks the kernels as Algorithm 1.
+    opening, closing: base kernel sizes (before `down_factor`), see `morphology_kernels`.
+    margin_std: the margin m in units of the map's standard deviation.
+    approx: use `lax.approx_max_k` for the quantiles (TPU).
+    recall_target: recall of the approximate top-k.
+
+  Returns:
+    bool `[B, H, W, C]`, True = keep.
+
+  References:
+    Berrada et al., Boosting Latent Diffusion with Perceptual Objectives, ICLR 2025, Algorithm 1.
+  """
+  chex.assert_rank(feat, 4)
+  if not 0 <= quant < 0.5:
+    raise ValueError(f'quant must be in [0, 0.5), got {quant}.')
+  if margin_std < 0:
+    raise ValueError(f'margin_std must be >= 0, got {margin_std}.')
+  b, h, w, c = feat.shape
+  if h * w < 2:
+    raise ValueError(f'outlier detection needs a feature map of at least 2 positions, got {h}x{w}.')
+  open_k, close_k = morphology_kernels(opening, closing, down_factor)
+  k_low, k_high = quantile_ranks(h * w, quant)
+
+  x = lax.stop_gradient(feat).astype(jnp.float32)
+  flat = jnp.moveaxis(x.reshape(b, h * w, c), 1, 2)  # [B, C, HW]
+  q_low, q_high = kth_smallest_pair(flat, k_low, k_high, approx=approx, recall_target=recall_target)
+  margin = margin_std * jnp.std(flat, axis=-1, ddof=1)
+  lo, hi = (v[:, None, None, :] for v in (q_low - margin, q_high + margin))  # [B, 1, 1, C]
+  keep = ((lo < x) & (x < hi)).astype(jnp.float32)
+  keep = _filter(keep, close_k, lax.max)  # Algorithm 1's "closing": dilate the keep-mask
+  keep = _filter(keep, open_k, lax.min)  # then its "opening": erode it
+  return keep > 0.5
