@@ -25,6 +25,13 @@ ASYM_CONFIG = dict(
     layers_per_up_block=2, latent_channels=4, norm_num_groups=16, scaling_factor=0.18215)
 
 
+# The `tiny` preset's four-level f8 architecture (the same five feature taps, and down factors, as an SD decoder).
+TINY_CONFIG = dict(
+    block_out_channels=(32, 64, 128, 128), down_block_types=('DownEncoderBlock2D',) * 4,
+    up_block_types=('UpDecoderBlock2D',) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=8,
+    scaling_factor=0.5)
+
+
 def randomize_(module, seed: int) -> None:
   """Random values for every parameter, norms included (their default 1/0 would hide a scale/bias swap)."""
   import torch
@@ -49,8 +56,8 @@ def _make(kind: str, folder: str):
   if kind == 'asym':
     model = AsymmetricAutoencoderKL(**ASYM_CONFIG)
   else:
-    model = AutoencoderKL(**(KL_CONFIG if kind == 'kl' else KL16_CONFIG))
-  randomize_(model, seed={'kl': 1, 'kl16': 2, 'asym': 3}[kind])
+    model = AutoencoderKL(**{'kl': KL_CONFIG, 'kl16': KL16_CONFIG, 'tiny': TINY_CONFIG}[kind])
+  randomize_(model, seed={'kl': 1, 'kl16': 2, 'asym': 3, 'tiny': 4}[kind])
   model.eval()
   model.save_pretrained(folder, safe_serialization=True)
   return model
@@ -58,7 +65,7 @@ def _make(kind: str, folder: str):
 
 @pytest.fixture(scope='session')
 def diffusers_folder(tmp_path_factory):
-  """`get(kind) -> (folder, torch_model)` for kind in {'kl', 'kl16', 'asym'}, built once per session."""
+  """`get(kind) -> (folder, torch_model)` for kind in {'kl', 'kl16', 'asym', 'tiny'}, built once per session."""
   cache = {}
 
   def get(kind):

@@ -43,8 +43,9 @@ class LPLConfig:
     gate: which samples get the loss: `'snr'` (sigma_t / alpha_t <= tau, scaled by resolution), `'timestep'`
       (t < t_threshold, the reference), `'none'`.
     tau, t_threshold: the thresholds of the gates.
-    base_resolution: resolution at which `tau` and the morphology kernels are specified; at resolution r they are
-      scaled by r / base_resolution (paper section 4.1) when `scale_with_resolution`.
+    base_resolution: resolution at which `tau` and the morphology kernels are specified. With
+      `scale_with_resolution`, at resolution r the threshold is `tau * r / base_resolution` and, for r above the base,
+      the kernels grow by the same factor (kept odd) (paper section 4.1).
     remat: rematerialise the prediction branch per decoder block.
   """
 

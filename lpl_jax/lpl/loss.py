@@ -65,7 +65,12 @@ def make_features_fn(model: AutoencoderKL, params: Any, cfg: LPLConfig) -> Featu
 
 
 def kernel_scale(cfg: LPLConfig, image_size: int) -> float:
-  return image_size / cfg.base_resolution if cfg.scale_with_resolution else 1.0
+  """Growth of the morphology kernels at `image_size`: resolution / base above the base resolution, else 1.
+
+  The paper grows them to cover the same proportion of the image at 512 px; shrinking them below the base would
+  turn the smoothing off (kernels of 1), so smaller images keep Algorithm 1's sizes.
+  """
+  return max(1.0, image_size / cfg.base_resolution) if cfg.scale_with_resolution else 1.0
 
 
 def _scaled_kernel(size: int, scale: float) -> int:
@@ -131,7 +136,7 @@ def lpl_loss(features_fn: Callable[[jax.Array, int], list[jax.Array]], z0_hat: j
 
   layer_losses, fractions = [], []
   for i, down in zip(layers, layer_down_factors(shapes, image_size)):
-    pred, target = pred_feats[i].astype(jnp.float32), target_feats[i].astype(jnp.float32)
+    pred, target = _at_least_f32(pred_feats[i]), _at_least_f32(target_feats[i])
     mask = None
     if cfg.outlier_removal and i in cfg.outlier_layers:
       source = pred if cfg.mask_source == 'pred' else target
@@ -149,6 +154,11 @@ def lpl_loss(features_fn: Callable[[jax.Array, int], list[jax.Array]], z0_hat: j
     loss = loss / len(layers)
   aux = dict(layer_loss=layer_loss, outlier_fraction=jnp.stack(fractions, axis=1), layer_weights=w)
   return _weighted(loss, sample_weights), aux
+
+
+def _at_least_f32(x: jax.Array) -> jax.Array:
+  """bf16 features are upcast: the loss and its reductions run in float32 (or float64 when given)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _weighted(loss: jax.Array, sample_weights: jax.Array | None) -> jax.Array:

@@ -87,7 +87,7 @@ def outlier_mask(feat: jax.Array, *, quant: float = 0.02, down_factor: int | flo
   """Keep-mask of one feature map (Algorithm 1): True where the value is not an outlier.
 
   Args:
-    feat: `[B, H, W, C]` features (any float dtype; computed in float32, no gradient flows through the mask).
+    feat: `[B, H, W, C]` features (bf16 is upcast to float32; no gradient flows through the mask).
     quant: tail mass of the quantiles, in [0, 0.5).
     down_factor: output image resolution / this layer's resolution; shrinks the kernels as Algorithm 1.
     opening, closing: base kernel sizes (before `down_factor`), see `morphology_kernels`.
@@ -112,10 +112,13 @@ def outlier_mask(feat: jax.Array, *, quant: float = 0.02, down_factor: int | flo
   open_k, close_k = morphology_kernels(opening, closing, down_factor)
   k_low, k_high = quantile_ranks(h * w, quant)
 
-  x = lax.stop_gradient(feat).astype(jnp.float32)
+  x = lax.stop_gradient(feat)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   flat = jnp.moveaxis(x.reshape(b, h * w, c), 1, 2)  # [B, C, HW]
   q_low, q_high = kth_smallest_pair(flat, k_low, k_high, approx=approx, recall_target=recall_target)
-  margin = margin_std * jnp.std(flat, axis=-1, ddof=1)
+  # Std of the data shifted by its first value: the same statistic, but exactly 0 for a constant map (as torch's),
+  # where jnp.std's rounded mean would leave ~1e-6 of noise and flip Algorithm 1's strict comparisons.
+  margin = margin_std * jnp.std(flat - flat[..., :1], axis=-1, ddof=1)
   lo, hi = (v[:, None, None, :] for v in (q_low - margin, q_high + margin))  # [B, 1, 1, C]
   keep = ((lo < x) & (x < hi)).astype(jnp.float32)
   keep = _filter(keep, close_k, lax.max)  # Algorithm 1's "closing": dilate the keep-mask
