@@ -4,7 +4,7 @@ single-head VAE self-attention), `Downsample2D`/`Upsample2D`, `DownEncoderBlock2
 
 Submodule names mirror the diffusers state-dict names (`resnets_0` for `resnets.0`, `to_out_0` for `to_out.0`), so
 weight import is a mechanical renaming. Parameters are kept in `param_dtype`; computation runs in `dtype`, with
-normalisation statistics and the attention softmax in float32.
+normalisation statistics and the attention softmax in at least float32.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ import jax.numpy as jnp
 
 Dtype = Any
 _EPS = 1e-6  # diffusers' resnet_eps for every VAE GroupNorm.
+
+
+def _at_least_f32(dtype: Dtype) -> Dtype:
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def group_norm(groups: int, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
@@ -69,7 +73,7 @@ class SelfAttention(nn.Module):
     dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
     y = group_norm(self.groups, self.dtype, self.param_dtype, 'group_norm')(x).reshape(b, h * w, c)
     q, k, v = dense('to_q')(y), dense('to_k')(y), dense('to_v')(y)
-    logits = jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
+    logits = jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=_at_least_f32(q.dtype)) * (c ** -0.5)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = dense('to_out_0')(jnp.einsum('bqk,bkc->bqc', weights, v))
     return x.astype(out.dtype) + out.reshape(b, h, w, c)

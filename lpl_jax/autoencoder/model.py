@@ -161,11 +161,11 @@ class AutoencoderKL(nn.Module):
     moments = self.encoder(x)
     if self.quant_conv is not None:
       moments = self.quant_conv(moments)
-    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    mean, logvar = jnp.split(moments.astype(jnp.promote_types(moments.dtype, jnp.float32)), 2, axis=-1)
     return mean, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
 
   def decode(self, z: jax.Array, image: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
-    """Raw latents `[B, h, w, C]` -> images `[B, h*f, w*f, out_channels]` (float32).
+    """Raw latents `[B, h, w, C]` -> images `[B, h*f, w*f, out_channels]` (float32, or float64 for a float64 model).
 
     `image` `[B, H, W, 3]` and `mask` `[B, H, W, 1]` (1 = region to generate) condition the asymmetric decoder as
     diffusers' `AsymmetricAutoencoderKL.decode(z, image=..., mask=...)` does; both or neither.
@@ -183,7 +183,8 @@ class AutoencoderKL(nn.Module):
                          f'and mask {expected + (1,)}; got {image.shape} and {mask.shape}.')
     if self.post_quant_conv is not None:
       z = self.post_quant_conv(z)
-    return self.decoder(z, image, mask).astype(jnp.float32)
+    out = self.decoder(z, image, mask)
+    return out.astype(jnp.promote_types(out.dtype, jnp.float32))
 
   def decoder_features(self, z: jax.Array, num_blocks: int | None = None,
                        apply_post_quant_conv: bool = True) -> list[jax.Array]:

@@ -76,7 +76,7 @@ def test_paper_preset_matches_pytorch(diffusers_folder):
 @pytest.fixture(scope='module')
 def tiny():
   model = ae.from_preset('tiny')
-  return model, ae.init_params(model, jax.random.key(0))
+  return model, jax.jit(lambda key: ae.init_params(model, key))(jax.random.key(0))
 
 
 @pytest.mark.parametrize('preset', ['paper', 'reference'])
@@ -127,6 +127,7 @@ def test_no_gradient_is_computed_for_decoder_params(tiny):
   assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g))
 
 
+@pytest.mark.slow
 def test_gradient_matches_float64_finite_differences(tiny):
   from jax.test_util import check_grads
 
@@ -205,8 +206,8 @@ def test_all_masked_and_constant_maps_are_finite(tiny, normalization):
   features.downsample_factor = 8
   cfg = lpl.LPLConfig.from_preset('reference', normalization=normalization)
   z0_hat, z0 = latents(8)
-  loss, aux = lpl.lpl_loss(features, z0_hat, z0, cfg)
-  grad = jax.grad(lambda zh: jnp.sum(lpl.lpl_loss(features, zh, z0, cfg)[0]))(z0_hat)
+  loss, aux = jax.jit(lambda zh: lpl.lpl_loss(features, zh, z0, cfg))(z0_hat)
+  grad = jax.jit(jax.grad(lambda zh: jnp.sum(lpl.lpl_loss(features, zh, z0, cfg)[0])))(z0_hat)
   assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
   # Algorithm 1 masks a constant map entirely (q_low == q_high, margin 0, strict comparisons).
   np.testing.assert_array_equal(aux['outlier_fraction'][:, 3], [1.0, 1.0])
