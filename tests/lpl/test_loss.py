@@ -180,7 +180,7 @@ def test_no_recompilation_across_values(tiny):
 
 
 def test_bf16_within_tolerance(tiny):
-  """bf16 compute of the decoder (float32 loss): within 5% of the float32 loss on these inputs."""
+  """bf16 compute of the decoder (float32 loss): within 1% of the float32 loss (docs/lpl.md)."""
   model, params = tiny
   bf16 = ae.from_preset('tiny', dtype=jnp.bfloat16)
   cfg = lpl.LPLConfig.from_preset('paper')
@@ -188,7 +188,7 @@ def test_bf16_within_tolerance(tiny):
   f32, _ = jax_loss(model, params, cfg)(params, z0_hat, z0)
   b16, _ = jax_loss(bf16, params, cfg)(params, z0_hat, z0)
   assert b16.dtype == jnp.float32
-  np.testing.assert_allclose(b16, f32, rtol=5e-2)
+  np.testing.assert_allclose(b16, f32, rtol=1e-2)
 
 
 @pytest.mark.parametrize('normalization', ['paper', 'shared', 'default', 'none'])
