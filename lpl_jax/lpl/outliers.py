@@ -59,26 +59,33 @@ def kth_smallest_pair(x: jax.Array, k_low: int, k_high: int, *, approx: bool = F
   """
   num = x.shape[-1]
   n_high = num - k_high + 1  # the k_high-th smallest is the (num - k_high + 1)-th largest
+  # The k-th value is taken as the max (min) of the k smallest (largest), not by indexing element k-1: XLA rewrites
+  # "top-k, then slice" into a full sort of the row (on CPU, 330 ms instead of 17 ms for a [2, 64, 16384] map).
   if approx:
-    low = lax.approx_min_k(x, k_low, recall_target=recall_target)[0][..., k_low - 1]
-    high = lax.approx_max_k(x, n_high, recall_target=recall_target)[0][..., n_high - 1]
+    smallest = lax.approx_min_k(x, k_low, recall_target=recall_target)[0]
+    largest = lax.approx_max_k(x, n_high, recall_target=recall_target)[0]
   else:
-    low = -lax.top_k(-x, k_low)[0][..., k_low - 1]
-    high = lax.top_k(x, n_high)[0][..., n_high - 1]
-  return low, high
+    smallest = -lax.top_k(-x, k_low)[0]
+    largest = lax.top_k(x, n_high)[0]
+  return jnp.max(smallest, axis=-1), jnp.min(largest, axis=-1)
 
 
 def _filter(x: jax.Array, size: int, op) -> jax.Array:
   """Stride-1 max (op=lax.max) or min filter over H and W of `[B, H, W, C]`, same-size output.
 
-  The padding takes the reduction's identity (-inf for max, +inf for min), so it never wins, as MaxPool2d's.
+  The padding takes the reduction's identity (-inf for max, +inf for min), so it never wins, as MaxPool2d's. A
+  square window's max is the max over rows of the max over columns, so the filter runs as two 1-D windows
+  (on CPU a 5x5 min-filter of a [2, 128, 128, 64] map takes 2 ms this way instead of 23 ms).
   """
   if size == 1:
     return x
-  init = -jnp.inf if op is lax.max else jnp.inf
-  pad = (size - 1) // 2
-  return lax.reduce_window(x, jnp.array(init, x.dtype), op, (1, size, size, 1), (1, 1, 1, 1),
-                           ((0, 0), (pad, size - 1 - pad), (pad, size - 1 - pad), (0, 0)))
+  init = jnp.array(-jnp.inf if op is lax.max else jnp.inf, x.dtype)
+  lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+  for axis in (1, 2):
+    window, padding = [1, 1, 1, 1], [(0, 0)] * 4
+    window[axis], padding[axis] = size, (lo, hi)
+    x = lax.reduce_window(x, init, op, tuple(window), (1, 1, 1, 1), tuple(padding))
+  return x
 
 
 def outlier_mask(feat: jax.Array, *, quant: float = 0.02, down_factor: int | float = 1, opening: int = 5,
