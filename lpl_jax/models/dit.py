@@ -1,0 +1,151 @@
+"""DiT with adaLN-Zero (Peebles & Xie, "Scalable Diffusion Models with Transformers", ICCV 2023), NHWC.
+
+`model.apply({'params': p}, x [B, H, W, C], t [B], y [B]) -> [B, H, W, C]`. The architecture is the official one
+(`facebookresearch/DiT`, `models.py`) with `learn_sigma=False`: the output has as many channels as the input.
+Parameter layout differs from the PyTorch one only in shape, not in content: the patch-embedding convolution is a
+Linear on flattened patches (its `[p*p*C, D]` kernel is the conv kernel `[p, p, C, D]` reshaped), and the attention
+kernels are kept per head (`[D, 3, heads, head_dim]`, `[heads, head_dim, D]`) for sharding.
+
+Parameter counts (`jax.eval_shape`, any resolution): DiT-XL/2 has 674,816,272 parameters. The published 675,129,632
+(DiT's training log) also counts the fixed positional embedding (256 x 1152 = 294,912 values that the official code
+stores as a frozen `nn.Parameter`; here it is a constant) and the learned-sigma half of the output projection
+(1152 x 16 + 16 = 18,448): 674,816,272 + 294,912 + 18,448 = 675,129,632.
+
+The timestep is used as given: DiT's DDPM timesteps are 0..999; a flow formulation with t in [0, 1] should scale
+it (x1000, as SD3 does) so that the 256 sinusoidal features resolve it.
+
+References:
+  Peebles & Xie 2023, section 3.2 (adaLN-Zero) and table 1 (model sizes); DiT `models.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lpl_jax.models import axes
+from lpl_jax.models import layers as L
+
+Dtype = Any
+
+
+class DiTBlock(nn.Module):
+  """adaLN-Zero block: `x + gate_msa * Attn(modulate(LN(x)))`, then `x + gate_mlp * MLP(modulate(LN(x)))`.
+
+  The six modulation vectors come from `c` through a zero-initialised Linear, so at initialisation every gate is 0
+  and the block is the identity.
+  """
+
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    """`x [B, L, D]` (residual stream, at least float32), `c [B, D]` -> `[B, L, D]`."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    d, heads = self.hidden_size, self.num_heads
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = L.AdaLNModulation(
+        6, d, name='adaLN_modulation', **kw)(c)
+    h = L.modulate(L.layer_norm(self.dtype, name='norm1')(x), shift_msa, scale_msa)
+    q, k, v = jnp.unstack(L.qkv_projection(heads, d // heads, name='qkv', **kw)(h), axis=2)
+    attn = L.out_projection(d, name='proj', **kw)(L.attention(q, k, v))
+    x = x + gate_msa[:, None] * attn
+    h = L.modulate(L.layer_norm(self.dtype, name='norm2')(x), shift_mlp, scale_mlp)
+    return x + gate_mlp[:, None] * L.Mlp(int(d * self.mlp_ratio), name='mlp', **kw)(h)
+
+
+class DiT(nn.Module):
+  """Class-conditional DiT denoiser on latents.
+
+  Attributes:
+    patch_size: side of the square patches (2, 4 or 8 in the paper).
+    hidden_size: model width D.
+    depth: number of DiT blocks.
+    num_heads: attention heads (D must be a multiple).
+    mlp_ratio: MLP hidden width / D.
+    in_channels: latent channels; the output has the same number.
+    num_classes: class labels are `0..num_classes-1`; label `num_classes` is the null class (its own row of the
+      table) for classifier-free guidance. The model does no label dropout: the train step replaces labels.
+    dtype: computation dtype (`jnp.bfloat16` for bf16 compute). The residual stream, LayerNorm statistics and the
+      attention softmax stay in at least float32; the output is at least float32.
+    param_dtype: parameter dtype.
+    remat: rematerialise each block (`nn.remat`) so the backward pass keeps only block boundaries.
+  """
+
+  patch_size: int = 2
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  in_channels: int = 4
+  num_classes: int = 1000
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+    """Denoiser output for noisy latents.
+
+    Args:
+      x: `[B, H, W, in_channels]` noisy latents; H and W multiples of `patch_size`.
+      t: `[B]` (or scalar) timesteps, integer or float.
+      y: `[B]` integer class labels in `0..num_classes` (`num_classes` = null class).
+
+    Returns:
+      `[B, H, W, in_channels]`, at least float32.
+    """
+    L.check_latents('DiT', x, t, self.in_channels, self.patch_size)
+    L.check_labels('DiT', y, x.shape[0])
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f'DiT: hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}.')
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, h, w, c = x.shape
+    p, d = self.patch_size, self.hidden_size
+    gh, gw = h // p, w // p
+
+    tokens = L.dense(d, (axes.PATCH, axes.EMBED), name='x_embedder', **kw)(L.patchify(x, p))
+    tokens = tokens.astype(L.at_least_f32(self.dtype)) + L.sincos_pos_embed_2d(d, gh, gw)
+    cond = L.TimestepEmbedder(d, name='t_embedder', **kw)(jnp.broadcast_to(t, (b,)))
+    cond = cond + L.class_table(self.num_classes + 1, d, name='y_embedder', **kw)(y)
+
+    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+    tokens = L.constrain_tokens(tokens)
+    for i in range(self.depth):
+      tokens = L.constrain_tokens(block_cls(d, self.num_heads, self.mlp_ratio, name=f'blocks_{i}', **kw)(tokens, cond))
+    out = L.FinalLayer(p * p * c, name='final_layer', **kw)(tokens, cond)
+    out = L.unpatchify(out, p, gh, gw)
+    return out.astype(L.at_least_f32(out.dtype))
+
+
+# Table 1 of the paper: (depth, hidden size, heads).
+SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
+
+
+def dit(size: str, patch_size: int, **kwargs) -> DiT:
+  """`DiT-{size}/{patch_size}`, e.g. `dit('XL', 2, dtype=jnp.bfloat16)`."""
+  if size not in SIZES:
+    raise ValueError(f'unknown DiT size {size!r}; expected one of {sorted(SIZES)}.')
+  depth, hidden, heads = SIZES[size]
+  return DiT(patch_size=patch_size, hidden_size=hidden, depth=depth, num_heads=heads, **kwargs)
+
+
+DiT_S_2 = functools.partial(dit, 'S', 2)
+DiT_S_4 = functools.partial(dit, 'S', 4)
+DiT_S_8 = functools.partial(dit, 'S', 8)
+DiT_B_2 = functools.partial(dit, 'B', 2)
+DiT_B_4 = functools.partial(dit, 'B', 4)
+DiT_B_8 = functools.partial(dit, 'B', 8)
+DiT_L_2 = functools.partial(dit, 'L', 2)
+DiT_L_4 = functools.partial(dit, 'L', 4)
+DiT_L_8 = functools.partial(dit, 'L', 8)
+DiT_XL_2 = functools.partial(dit, 'XL', 2)
+DiT_XL_4 = functools.partial(dit, 'XL', 4)
+DiT_XL_8 = functools.partial(dit, 'XL', 8)

@@ -1,0 +1,243 @@
+"""Building blocks shared by DiT and MMDiT: embeddings, adaLN modulation, attention, MLP, patchify, input checks.
+
+Parameters are kept in `param_dtype` and carry logical axis names (`lpl_jax.models.axes`); computation runs in
+`dtype`, with LayerNorm statistics, attention logits and softmax in at least float32. Initialisation follows DiT
+(Peebles & Xie 2023, `models.py::initialize_weights`): Xavier-uniform kernels and zero biases, N(0, 0.02) for the
+timestep MLP and the class table, zeros for every adaLN modulation and for the final projection (adaLN-Zero).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lpl_jax.models import axes
+
+Dtype = Any
+LN_EPS = 1e-6  # DiT's and SD3's LayerNorm (and SD3's QK RMSNorm) epsilon.
+FREQ_DIM = 256  # DiT's frequency_embedding_size: 128 cosines and 128 sines of t.
+MAX_PERIOD = 10_000.0
+
+XAVIER = nn.initializers.xavier_uniform()
+ZEROS = nn.initializers.zeros_init()
+NORMAL_002 = nn.initializers.normal(stddev=0.02)
+
+
+def at_least_f32(dtype: Dtype) -> Dtype:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype, *,
+          kernel_init: Any = XAVIER, name: str | None = None) -> nn.Dense:
+  """A Linear layer whose kernel `[in, out]` is named `names` and whose bias is named after the output axis."""
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(kernel_init, names),
+                  bias_init=nn.with_logical_partitioning(ZEROS, names[-1:]))
+
+
+def class_table(num_rows: int, features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Embed:
+  return nn.Embed(num_rows, features, dtype=dtype, param_dtype=param_dtype, name=name,
+                  embedding_init=nn.with_logical_partitioning(NORMAL_002, (axes.CLASSES, axes.EMBED)))
+
+
+def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+  # No affine parameters: adaLN's shift and scale replace them. Two-pass variance: the residual stream can have
+  # a large mean, where E[x^2] - E[x]^2 cancels badly.
+  return nn.LayerNorm(epsilon=LN_EPS, use_bias=False, use_scale=False, use_fast_variance=False, dtype=dtype,
+                      name=name)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """`x [B, L, D] * (1 + scale [B, D]) + shift [B, D]` (DiT's adaLN, eq. in section 3.2)."""
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def timestep_embedding(t: jax.Array, dim: int = FREQ_DIM, max_period: float = MAX_PERIOD) -> jax.Array:
+  """DiT's sinusoidal timestep features: `[cos(t f_0), ..., cos(t f_{d/2-1}), sin(t f_0), ...]`.
+
+  Args:
+    t: `[B]` timesteps, integer or continuous (any real dtype); the scale is the caller's (DiT uses 0..999).
+    dim: number of features (an odd `dim` gets a trailing zero).
+    max_period: the lowest frequency is `1 / max_period`.
+
+  Returns:
+    `[B, dim]` float32 with `f_i = max_period ** (-i / (dim // 2))`.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """The fixed 2D sin-cos positional embedding of MAE/DiT for a `grid_h x grid_w` patch grid (not a parameter).
+
+  The first half of the channels encodes the column index, the second half the row index (MAE's
+  `get_2d_sincos_pos_embed`, which meshes `(grid_w, grid_h)`); each half is `[sin(pos w_k), cos(pos w_k)]` with
+  `w_k = 10000 ** (-k / (embed_dim / 4))`.
+
+  Returns:
+    `[grid_h * grid_w, embed_dim]` float32, rows in row-major (h, w) order, a trace-time constant.
+  """
+  if embed_dim % 4:
+    raise ValueError(f'the 2D sin-cos positional embedding needs a width divisible by 4, got {embed_dim}.')
+  omega = 1.0 / MAX_PERIOD ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4))
+
+  def one_axis(pos):
+    out = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing='ij')
+  return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
+
+
+def patchify(x: jax.Array, p: int) -> jax.Array:
+  """`[B, H, W, C]` -> `[B, (H/p)(W/p), p*p*C]`, each patch flattened in (row, column, channel) order, the order of a
+  flattened `[p, p, C, D]` convolution kernel and of DiT's `unpatchify`."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: jax.Array, p: int, grid_h: int, grid_w: int) -> jax.Array:
+  """Inverse of `patchify`: `[B, grid_h*grid_w, p*p*C]` -> `[B, grid_h*p, grid_w*p, C]`."""
+  b, _, d = x.shape
+  c = d // (p * p)
+  x = x.reshape(b, grid_h, grid_w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, grid_h * p, grid_w * p, c)
+
+
+def constrain_tokens(x: jax.Array) -> jax.Array:
+  """Names a token stream `[B, L, D]` for GSPMD; a no-op unless logical axis rules and a mesh are in effect."""
+  return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+
+
+def check_latents(model: str, x: jax.Array, t: jax.Array, in_channels: int, patch_size: int) -> None:
+  """Shape checks at trace time: errors name the sizes, before anything compiles."""
+  if x.ndim != 4:
+    raise ValueError(f'{model}: x must be [B, H, W, C] (NHWC), got shape {x.shape}.')
+  b, h, w, c = x.shape
+  if c != in_channels:
+    raise ValueError(f'{model}: x has {c} channels, the model has in_channels={in_channels} (NHWC layout).')
+  if h % patch_size or w % patch_size:
+    raise ValueError(f'{model}: image size {h}x{w} is not divisible by the patch size {patch_size}.')
+  if t.shape not in ((b,), ()):
+    raise ValueError(f'{model}: t must be [B] = [{b}] (or a scalar), got shape {t.shape}.')
+
+
+def check_labels(model: str, y: jax.Array, batch: int) -> None:
+  if y.shape != (batch,) or not jnp.issubdtype(y.dtype, jnp.integer):
+    raise ValueError(f'{model}: class labels y must be integers of shape [B] = [{batch}], got {y.dtype}{y.shape}.')
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Multi-head scaled dot-product attention, `[B, L, H, D]` each -> `[B, L, H, D]`; logits and softmax in at least
+  float32."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=at_least_f32(q.dtype))
+  weights = jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+
+
+class HeadsDense(nn.Module):
+  """A Linear layer from the last `in_rank` axes of `x` to `features` axes: kernel `[*in_dims, *features]`, bias
+  `[*features]`, Xavier-uniform over the flattened fans (what the PyTorch Linear of the same map gets).
+
+  flax's `DenseGeneral` would do, except that it creates a multi-axis kernel flat and reshapes it afterwards, which
+  applies the kernel's logical-axis constraint to the flat array and fails under a mesh with axis rules.
+  """
+
+  features: tuple[int, ...]
+  names: tuple[str | None, ...]
+  in_rank: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in, n_out = self.in_rank, len(self.features)
+    init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=tuple(range(n_in)),
+                                            out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.names),
+                        x.shape[x.ndim - n_in:] + tuple(self.features), self.param_dtype)
+    bias = self.param('bias', nn.with_logical_partitioning(ZEROS, self.names[n_in:]), tuple(self.features),
+                      self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
+
+
+def qkv_projection(num_heads: int, head_dim: int, dtype: Dtype, param_dtype: Dtype,
+                   name: str | None = None) -> HeadsDense:
+  """timm's `qkv`: one Linear `D -> 3 * D` with bias, its kernel kept as `[D, 3, heads, head_dim]`."""
+  return HeadsDense((3, num_heads, head_dim), (axes.EMBED, None, axes.HEADS, axes.KV), dtype=dtype,
+                    param_dtype=param_dtype, name=name)
+
+
+def out_projection(features: int, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> HeadsDense:
+  """The attention output Linear, kernel `[heads, head_dim, D]`."""
+  return HeadsDense((features,), (axes.HEADS, axes.KV, axes.EMBED), in_rank=2, dtype=dtype, param_dtype=param_dtype,
+                    name=name)
+
+
+class Mlp(nn.Module):
+  """Linear -> GELU (tanh approximation, as DiT and SD3) -> Linear, back to the input width."""
+
+  hidden_features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.gelu(dense(self.hidden_features, (axes.EMBED, axes.MLP), name='fc1', **kw)(x), approximate=True)
+    return dense(x.shape[-1], (axes.MLP, axes.EMBED), name='fc2', **kw)(h)
+
+
+class AdaLNModulation(nn.Module):
+  """SiLU -> zero-initialised Linear `D -> n * D`, split into `n` arrays `[B, D]` (shift, scale, gate, ...)."""
+
+  num_chunks: int
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, c: jax.Array) -> list[jax.Array]:
+    out = dense(self.num_chunks * self.features, (axes.EMBED, axes.ADALN), self.dtype, self.param_dtype,
+                kernel_init=ZEROS, name='linear')(nn.silu(c))
+    return jnp.split(out, self.num_chunks, axis=-1)
+
+
+class TimestepEmbedder(nn.Module):
+  """`t [B]` -> 256 sinusoidal features -> Linear -> SiLU -> Linear -> `[B, D]` (DiT's `TimestepEmbedder`)."""
+
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=NORMAL_002)
+    h = dense(self.features, (axes.FREQ, axes.MLP), name='fc1', **kw)(timestep_embedding(t))
+    return dense(self.features, (axes.MLP, axes.EMBED), name='fc2', **kw)(nn.silu(h))
+
+
+class FinalLayer(nn.Module):
+  """adaLN (shift, scale) -> LayerNorm -> modulate -> zero-initialised Linear to `p*p*C_out` per token."""
+
+  out_features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    shift, scale = AdaLNModulation(2, x.shape[-1], name='adaLN_modulation', **kw)(c)
+    h = modulate(layer_norm(self.dtype, name='norm_final')(x), shift, scale)
+    return dense(self.out_features, (axes.EMBED, axes.PATCH), kernel_init=ZEROS, name='linear', **kw)(h)
