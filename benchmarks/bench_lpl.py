@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from benchmarks.decoder_features import MIB, flops_of, saved_activation_bytes
+from benchmarks.decoder_features import MIB, flops_of, fmt, ratio, saved_activation_bytes
 from lpl_jax import autoencoder as ae
 from lpl_jax import lpl
 from tests.lpl import torch_lpl
@@ -121,14 +121,6 @@ def _nchw(x: Any) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(np.asarray(x), (0, 3, 1, 2)))
 
 
-def _fmt(value: float | None, scale: float, spec: str) -> str:
-  return 'n/a' if value is None else format(value / scale, spec)
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-  return 'n/a' if a is None or not b else f'{a / b:.2f}x'
-
-
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
@@ -181,14 +173,14 @@ def main(argv: list[str] | None = None) -> None:
   print('\n' + header + '\n' + '-' * len(header))
   for name, r in (('JAX remat=False', results[False]), ('JAX remat=True', results[True]),
                   (f'PyTorch ({torch_device}, float32)', results['torch'])):
-    print(f'{name:<22} {_fmt(r.get("compile_s"), 1, ".1f"):>9} {r["ms"]:>10.1f} {_fmt(r.get("flops"), 1e9, ".2f"):>9} '
-          f'{_fmt(r.get("temp"), MIB, ".1f"):>9} {_fmt(r.get("saved"), MIB, ".1f"):>9}')
+    print(f'{name:<22} {fmt(r.get("compile_s"), 1, ".1f"):>9} {r["ms"]:>10.1f} {fmt(r.get("flops"), 1e9, ".2f"):>9} '
+          f'{fmt(r.get("temp"), MIB, ".1f"):>9} {fmt(r.get("saved"), MIB, ".1f"):>9}')
   print('\nPyTorch time / JAX time:')
   for remat in (False, True):
-    print(f'  remat={str(remat):<5} {_ratio(torch_stats["ms"], results[remat]["ms"])}')
+    print(f'  remat={str(remat):<5} {ratio(torch_stats["ms"], results[remat]["ms"])}')
   on, off = results[True], results[False]
-  print(f'\nremat / no-remat: time {_ratio(on["ms"], off["ms"])}  FLOPs {_ratio(on["flops"], off["flops"])}  '
-        f'temp memory {_ratio(on["temp"], off["temp"])}  residuals {_ratio(on["saved"], off["saved"])}')
+  print(f'\nremat / no-remat: time {ratio(on["ms"], off["ms"])}  FLOPs {ratio(on["flops"], off["flops"])}  '
+        f'temp memory {ratio(on["temp"], off["temp"])}  residuals {ratio(on["saved"], off["saved"])}')
 
 
 if __name__ == '__main__':

@@ -83,11 +83,11 @@ def saved_activation_bytes(fn, args: tuple) -> float | None:
                    if not source.startswith('from the argument')))
 
 
-def _fmt(value: float | None, scale: float, spec: str) -> str:
+def fmt(value: float | None, scale: float, spec: str) -> str:
   return 'n/a' if value is None else format(value / scale, spec)
 
 
-def _ratio(a: float | None, b: float | None) -> str:
+def ratio(a: float | None, b: float | None) -> str:
   return 'n/a' if a is None or not b else f'{a / b:.2f}x'
 
 
@@ -131,15 +131,15 @@ def main(argv: list[str] | None = None) -> None:
   print('\n' + header + '\n' + '-' * len(header))
   for name, remat in sorted(results, key=lambda k: (k[0] != 'fwd', k[1])):
     r = results[name, remat]
-    print(f'{name:<9} {str(remat):<6} {r["compile_s"]:>9.1f} {r["ms"]:>10.1f} {_fmt(r["flops"], 1e9, ".2f"):>9} '
-          f'{_fmt(r["temp"], MIB, ".1f"):>9} {_fmt(r["arg"], MIB, ".1f"):>9} {_fmt(r["out"], MIB, ".1f"):>8} '
-          f'{_fmt(r.get("saved"), MIB, ".1f"):>9}')
+    print(f'{name:<9} {str(remat):<6} {r["compile_s"]:>9.1f} {r["ms"]:>10.1f} {fmt(r["flops"], 1e9, ".2f"):>9} '
+          f'{fmt(r["temp"], MIB, ".1f"):>9} {fmt(r["arg"], MIB, ".1f"):>9} {fmt(r["out"], MIB, ".1f"):>8} '
+          f'{fmt(r.get("saved"), MIB, ".1f"):>9}')
   print('\nremat / no-remat:')
   for name in ('fwd', 'fwd+bwd'):
     on, off = results[name, True], results[name, False]
-    print(f'  {name:<8} time {_ratio(on["ms"], off["ms"])}  FLOPs {_ratio(on["flops"], off["flops"])}  '
-          f'temp memory {_ratio(on["temp"], off["temp"])}'
-          + (f'  saved activations {_ratio(on["saved"], off["saved"])}' if name == 'fwd+bwd' else ''))
+    print(f'  {name:<8} time {ratio(on["ms"], off["ms"])}  FLOPs {ratio(on["flops"], off["flops"])}  '
+          f'temp memory {ratio(on["temp"], off["temp"])}'
+          + (f'  saved activations {ratio(on["saved"], off["saved"])}' if name == 'fwd+bwd' else ''))
 
 
 if __name__ == '__main__':
