@@ -1,0 +1,74 @@
+"""Mesh, shardings and the compiled step.
+
+A `Mesh` with axes `('data', 'fsdp')`. The batch is sharded over both axes. Denoiser params (and with them the
+optimizer state and EMA) follow their logical axis names (`lpl_jax.models.axes`): replicated, or sharded along
+`fsdp` with `axes.fsdp_rules()` (ZeRO-3 style). The frozen autoencoder params are replicated. The state is created
+directly in its sharded layout (`jax.jit(..., out_shardings=...)` on shapes from `jax.eval_shape`), and the step is
+`jax.jit` with explicit in/out shardings and the state donated.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lpl_jax.models import axes
+from lpl_jax.train import step as step_lib
+from lpl_jax.train.state import TrainState, create_state
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
+  """`Mesh(('data', 'fsdp'))` over all (or the given) devices; `data=-1` takes what `fsdp` leaves."""
+  devices = jax.devices() if devices is None else devices
+  if data == -1:
+    data = len(devices) // fsdp
+  if data * fsdp != len(devices):
+    raise ValueError(f'mesh data={data} x fsdp={fsdp} does not cover the {len(devices)} devices.')
+  return Mesh(np.asarray(devices).reshape(data, fsdp), step_lib.BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(step_lib.BATCH_AXES))
+
+
+def param_rules(fsdp: bool) -> tuple:
+  """Logical-to-mesh rules: FSDP over the `fsdp` axis, or (empty rules) everything replicated."""
+  return axes.fsdp_rules() if fsdp else ()
+
+
+def init_state(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation, key: jax.Array,
+               mesh: Mesh, *, fsdp: bool) -> tuple[TrainState, Any]:
+  """Creates the state in its sharded layout.
+
+  Args:
+    init_params: `key -> params` as `model.init(...)['params']` returns them (boxed with logical axis names).
+
+  Returns:
+    `(state, state_shardings)`; the state holds plain arrays.
+  """
+  param_key, rng = jax.random.split(key)
+
+  def make(k):
+    return create_state(init_params(k), optimizer, rng)
+
+  boxed = jax.eval_shape(make, param_key)
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, param_rules(fsdp))
+  state = jax.jit(lambda k: nn.unbox(make(k)), out_shardings=shardings)(param_key)
+  return state, shardings
+
+
+def jit_train_step(state_shardings: Any, mesh: Mesh, **static: Any) -> Callable:
+  """`train_step` bound to its static arguments, jitted with explicit shardings and the state donated:
+  `(state, batch, ae_params) -> (state, metrics)`."""
+  replicated = NamedSharding(mesh, P())
+  fn = functools.partial(step_lib.train_step, mesh=mesh, **static)
+  return jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh), replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))

@@ -1,0 +1,163 @@
+"""One training step: stratified timesteps, noise, denoiser, diffusion loss, LPL on the K rows below the noise
+threshold, update, EMA. A pure function `(state, batch, ae_params) -> (state, metrics)` (DESIGN.md, "One training
+step"); static things are bound with `functools.partial` by `sharding.jit_train_step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from lpl_jax import lpl as lpl_lib
+from lpl_jax.autoencoder import AutoencoderKL
+from lpl_jax.diffusion import Formulation, TimestepSampler
+from lpl_jax.train.state import OptimConfig, TrainState, ema_update, learning_rate
+
+BATCH_AXES = ('data', 'fsdp')
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepConfig:
+  """Everything static about the step.
+
+  Attributes:
+    formulation, sampler: the diffusion formulation and the timestep distribution.
+    lpl: the loss config, or None for a step without LPL (nothing of the autoencoder is traced then).
+    lpl_rows: K, rows per stratification group drawn below the noise threshold (`TimestepSampler.split` of the
+      group size).
+    lpl_groups: the global batch is cut into this many equal groups, each starting with its K LPL rows (0 = one
+      group per device). Fixing it makes the step's randomness independent of the mesh, so a run on 8 devices and
+      one on 1 device with the same `lpl_groups` compute the same thing; it must be a multiple of the device count.
+    lpl_start_step: the LPL term counts from this step on (a traced switch: no recompilation when it turns on).
+    lpl_chunk: rows per chunk of the LPL branch (0 = all K at once); chunks run in a rematerialised `lax.map`, so
+      the decoder's activation memory is that of one chunk.
+    lpl_normalize: `'batch'`: the LPL rows' sum divided by the global batch size (eq. 3's expectation over all
+      samples, with the gate zero elsewhere); `'rows'`: divided by the number of LPL rows (the reference code).
+    label_dropout: probability of replacing a label by `null_class` (classifier-free guidance training).
+  """
+
+  formulation: Formulation
+  sampler: TimestepSampler
+  optim: OptimConfig
+  lpl: lpl_lib.LPLConfig | None = None
+  lpl_rows: int = 0
+  lpl_groups: int = 0
+  lpl_start_step: int = 0
+  lpl_chunk: int = 0
+  lpl_normalize: str = 'batch'
+  label_dropout: float = 0.1
+  null_class: int = 1000
+
+  def __post_init__(self):
+    if self.lpl_normalize not in ('batch', 'rows'):
+      raise ValueError(f"StepConfig.lpl_normalize={self.lpl_normalize!r}; expected 'batch' or 'rows'.")
+    if self.lpl_rows < 0 or self.lpl_chunk < 0:
+      raise ValueError('lpl_rows and lpl_chunk must be >= 0.')
+
+
+def _local_lpl(z0_hat: jax.Array, z0: jax.Array, ae_params: Any, *, ae_model: AutoencoderKL, cfg: StepConfig,
+               groups: int, axes: tuple[str, ...] | None):
+  """LPL of the first K rows of each of this device's `groups` groups: `(sum of per-row losses, per-layer loss
+  sums [L], outlier-fraction sums [L])`, summed over devices when `axes` are given (inside shard_map)."""
+  k, chunk = cfg.lpl_rows * groups, cfg.lpl_chunk or cfg.lpl_rows * groups
+  if k % chunk:
+    raise ValueError(f'lpl_chunk={chunk} must divide the {k} LPL rows of each device.')
+  features_fn = lpl_lib.make_features_fn(ae_model, ae_params, cfg.lpl)
+
+  @jax.checkpoint
+  def one_chunk(args):
+    zh, z = args
+    loss, aux = lpl_lib.lpl_loss(features_fn, zh, z, cfg.lpl)
+    return loss, aux['layer_loss'], aux['outlier_fraction']
+
+  def chunks(x):
+    rows = x.reshape((groups, -1) + x.shape[1:])[:, :cfg.lpl_rows]  # [groups, K, ...]: static slices
+    return rows.reshape((k // chunk, chunk) + x.shape[1:])
+
+  loss, layer, frac = jax.lax.map(one_chunk, (chunks(z0_hat), chunks(z0)))
+  out = (jnp.sum(loss), jnp.sum(layer, axis=(0, 1)), jnp.sum(frac, axis=(0, 1)))
+  if axes:
+    out = jax.lax.psum(out, axes)
+  return out
+
+
+def lpl_term(z0_hat: jax.Array, z0: jax.Array, ae_params: Any, *, ae_model: AutoencoderKL, cfg: StepConfig,
+             mesh: Mesh | None, groups: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Sums over all LPL rows of all devices; each device works on its local rows (shard_map over the batch)."""
+  shards = 1 if mesh is None else mesh.size
+  if shards == 1:
+    return _local_lpl(z0_hat, z0, ae_params, ae_model=ae_model, cfg=cfg, groups=groups, axes=None)
+  fn = jax.shard_map(
+      lambda zh, z, p: _local_lpl(zh, z, p, ae_model=ae_model, cfg=cfg, groups=groups // shards, axes=BATCH_AXES),
+      mesh=mesh, in_specs=(P(BATCH_AXES), P(BATCH_AXES), P()), out_specs=P())
+  return fn(z0_hat, z0, ae_params)
+
+
+def stratified_timesteps(key: jax.Array, cfg: StepConfig, batch: int, groups: int) -> jax.Array:
+  """`[batch]` timesteps whose every block of `batch // groups` rows starts with its K LPL rows."""
+  keys = jax.random.split(key, groups)
+  return jax.vmap(lambda k: cfg.sampler.sample_stratified(k, batch // groups, cfg.lpl_rows))(keys).reshape(batch)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], ae_params: Any, *, model: Any,
+               optimizer: optax.GradientTransformation, cfg: StepConfig, ae_model: AutoencoderKL | None = None,
+               mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One step on `batch = {'latents': [B, h, w, c] (scaled), 'labels': [B]}`; `ae_params` are frozen."""
+  form = cfg.formulation
+  z0, labels = batch['latents'], batch['labels']
+  b = z0.shape[0]
+  shards = 1 if mesh is None else mesh.size
+  groups = cfg.lpl_groups or shards
+  if b % shards or b % groups or groups % shards:
+    raise ValueError(f'global batch {b}, {shards} devices and {groups} LPL groups: the batch must split over both '
+                     'and the groups over the devices.')
+  rng, t_key, noise_key, drop_key = jax.random.split(state.rng, 4)
+  use_lpl = cfg.lpl is not None and cfg.lpl_rows > 0
+  t = stratified_timesteps(t_key, cfg, b, groups) if use_lpl else cfg.sampler.sample(t_key, b)
+  eps = jax.random.normal(noise_key, z0.shape, z0.dtype)
+  z_t = form.add_noise(z0, eps, t)
+  drop = jax.random.bernoulli(drop_key, cfg.label_dropout, labels.shape)
+  y = jnp.where(drop, cfg.null_class, labels)
+
+  def loss_fn(params):
+    pred = model.apply({'params': params}, z_t, form.model_time(t), y)
+    diffusion = jnp.mean(form.loss(pred, z0, eps, t))
+    metrics = {'loss/diffusion': diffusion}
+    if not use_lpl:
+      return diffusion, metrics
+    z0_hat = form.x0_hat(z_t, pred, t)
+    num_layers = len(cfg.lpl.used_layers)
+    active = state.step >= cfg.lpl_start_step
+
+    def compute(z0_hat):
+      return lpl_term(z0_hat, z0, ae_params, ae_model=ae_model, cfg=cfg, mesh=mesh, groups=groups)
+
+    def skip(z0_hat):
+      return jnp.zeros(()), jnp.zeros(num_layers), jnp.zeros(num_layers)
+
+    lpl_sum, layer_sum, frac_sum = jax.lax.cond(active, compute, skip, z0_hat)
+    rows = cfg.lpl_rows * groups
+    lpl_loss = lpl_sum / (b if cfg.lpl_normalize == 'batch' else rows)
+    total = diffusion + cfg.lpl.weight * lpl_loss
+    metrics.update({'loss/lpl': lpl_sum / rows, 'lpl/rows': jnp.asarray(rows * active, jnp.int32),
+                    'lpl/active': active.astype(jnp.int32)})
+    for j in range(num_layers):
+      metrics[f'lpl/layer_{j}'] = layer_sum[j] / rows
+      metrics[f'lpl/outlier_fraction_{j}'] = frac_sum[j] / rows
+    return total, metrics
+
+  (total, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  step = state.step + 1
+  new_state = state.replace(step=step, params=params, opt_state=opt_state, rng=rng,
+                            ema_params=ema_update(state.ema_params, params, step, cfg.optim))
+  metrics.update({'loss/total': total, 'grad_norm': optax.global_norm(grads),
+                  'lr': jnp.asarray(learning_rate(cfg.optim)(state.step), jnp.float32)})
+  return new_state, metrics
