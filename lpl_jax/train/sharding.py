@@ -39,6 +39,21 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(step_lib.BATCH_AXES))
 
 
+def global_batch(local: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles the global batch from each process's rows (multi-host): process p passes its contiguous share of the
+  global batch, `B / process_count` rows, as host arrays."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Host values (identical on every process) -> arrays replicated on every device of the mesh (frozen
+  autoencoder params)."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
+                      tree)
+
+
 def param_rules(fsdp: bool) -> tuple:
   """Logical-to-mesh rules: FSDP over the `fsdp` axis, or (empty rules) everything replicated."""
   return axes.fsdp_rules() if fsdp else ()
