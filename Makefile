@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 demo: $(VENV)/.installed
 	$(PY) -m lpl_jax.demo --workdir=runs/demo
 
-# Tests marked `slow` (multi-device and multi-process runs, float64 finite differences) are left to CI (.ci/run),
+# Tests marked `slow` (train-step compilations, multi-device and multi-process runs, float64 finite differences) are
+# left to CI (.ci/run),
 # which runs them after this target.
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check lpl_jax tests benchmarks

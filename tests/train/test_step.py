@@ -7,6 +7,9 @@ import pytest
 from lpl_jax import train
 from tests.train import common
 
+# Each test compiles a whole train step with the decoder's forward and backward (~40 s apiece on 2 cores): left to CI.
+pytestmark = pytest.mark.slow
+
 
 def _run(steps=2, **kw):
   model, ae_model, ae_params, cfg = common.setup(**kw)
