@@ -10,8 +10,7 @@ demo: $(VENV)/.installed
 	$(PY) -m lpl_jax.demo --workdir=runs/demo
 
 # Tests marked `slow` (train-step compilations, multi-device and multi-process runs, float64 finite differences) are
-# left to CI (.ci/run),
-# which runs them after this target.
+# left to CI (.ci/run), which runs them after this target.
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check lpl_jax tests benchmarks
 	$(PY) -m pytest -q -m "not slow" tests
