@@ -21,6 +21,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from lpl_jax.data.transforms import CropConfig, crop_resize_flip, to_float
 
@@ -92,6 +93,9 @@ def _finish(ds: grain.MapDataset, *, global_batch: int, process_index: int | Non
   ds = ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=batch_fn)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
   if worker_count > 0:
+    # grain's worker processes read absl flags (their defaults are fine); outside `absl.app.run` nobody parsed them.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=prefetch))
   return it
 
