@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lpl_jax import lpl as lpl_lib
@@ -40,6 +40,11 @@ class StepConfig:
     lpl_normalize: `'batch'`: the LPL rows' sum divided by the global batch size (eq. 3's expectation over all
       samples, with the gate zero elsewhere); `'rows'`: divided by the number of LPL rows (the reference code).
     label_dropout: probability of replacing a label by `null_class` (classifier-free guidance training).
+    accum_steps: gradient accumulation: the global batch is processed as this many micro-batches (a `lax.scan`),
+      their gradients summed, and the optimizer applied once. Timesteps, noise and label dropout are drawn for the
+      whole batch first, so the update equals the one-pass update on the same batch (up to summation order). Each
+      micro-batch takes an equal share of every device's rows (no data moves) and whole LPL groups, so
+      `lpl_groups / device count` must be a multiple of `accum_steps` (`lpl_groups = 0` picks devices x accum_steps).
   """
 
   formulation: Formulation
@@ -53,12 +58,15 @@ class StepConfig:
   lpl_normalize: str = 'batch'
   label_dropout: float = 0.1
   null_class: int = 1000
+  accum_steps: int = 1
 
   def __post_init__(self):
     if self.lpl_normalize not in ('batch', 'rows'):
       raise ValueError(f"StepConfig.lpl_normalize={self.lpl_normalize!r}; expected 'batch' or 'rows'.")
     if self.lpl_rows < 0 or self.lpl_chunk < 0:
       raise ValueError('lpl_rows and lpl_chunk must be >= 0.')
+    if self.accum_steps < 1:
+      raise ValueError(f'StepConfig.accum_steps={self.accum_steps}; expected >= 1.')
 
 
 def _local_lpl(z0_hat: jax.Array, z0: jax.Array, ae_params: Any, *, ae_model: AutoencoderKL, cfg: StepConfig,
@@ -105,18 +113,30 @@ def stratified_timesteps(key: jax.Array, cfg: StepConfig, batch: int, groups: in
   return jax.vmap(lambda k: cfg.sampler.sample_stratified(k, batch // groups, cfg.lpl_rows))(keys).reshape(batch)
 
 
+def _microbatches(x: jax.Array, shards: int, accum: int, mesh: Mesh | None) -> jax.Array:
+  """`[B, ...] -> [accum, B / accum, ...]`: micro-batch i holds the i-th slice of every device's local rows, in device
+  order, so slicing moves no data and each micro-batch stays sharded over all devices."""
+  b = x.shape[0]
+  x = x.reshape((shards, accum, b // (shards * accum)) + x.shape[1:])
+  x = jnp.swapaxes(x, 0, 1).reshape((accum, b // accum) + x.shape[3:])
+  if mesh is not None and shards > 1:
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
+  return x
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], ae_params: Any, *, model: Any,
                optimizer: optax.GradientTransformation, cfg: StepConfig, ae_model: AutoencoderKL | None = None,
                mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One step on `batch = {'latents': [B, h, w, c] (scaled), 'labels': [B]}`; `ae_params` are frozen."""
   form = cfg.formulation
   z0, labels = batch['latents'], batch['labels']
-  b = z0.shape[0]
+  b, accum = z0.shape[0], cfg.accum_steps
   shards = 1 if mesh is None else mesh.size
-  groups = cfg.lpl_groups or shards
-  if b % shards or b % groups or groups % shards:
-    raise ValueError(f'global batch {b}, {shards} devices and {groups} LPL groups: the batch must split over both '
-                     'and the groups over the devices.')
+  groups = cfg.lpl_groups or shards * accum
+  if b % (shards * accum) or b % groups or groups % (shards * accum):
+    raise ValueError(f'global batch {b}, {shards} devices, {accum} accumulation steps and {groups} LPL groups: the '
+                     'batch must split over devices x accumulation steps and over the groups, and the groups over '
+                     'devices x accumulation steps.')
   rng, t_key, noise_key, drop_key = jax.random.split(state.rng, 4)
   use_lpl = cfg.lpl is not None and cfg.lpl_rows > 0
   t = stratified_timesteps(t_key, cfg, b, groups) if use_lpl else cfg.sampler.sample(t_key, b)
@@ -124,35 +144,50 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ae_params: Any, *
   z_t = form.add_noise(z0, eps, t)
   drop = jax.random.bernoulli(drop_key, cfg.label_dropout, labels.shape)
   y = jnp.where(drop, cfg.null_class, labels)
+  rows = cfg.lpl_rows * groups  # LPL rows of the whole batch
+  active = state.step >= cfg.lpl_start_step
+  num_layers = len(cfg.lpl.used_layers) if use_lpl else 0
 
-  def loss_fn(params):
+  def loss_fn(params, micro):
+    """This micro-batch's share of the step's loss (the sum over micro-batches is the batch's loss) and metrics."""
+    z0, eps, z_t, t, y = micro
     pred = model.apply({'params': params}, z_t, form.model_time(t), y)
-    diffusion = jnp.mean(form.loss(pred, z0, eps, t))
+    diffusion = jnp.mean(form.loss(pred, z0, eps, t)) / accum
     metrics = {'loss/diffusion': diffusion}
     if not use_lpl:
       return diffusion, metrics
     z0_hat = form.x0_hat(z_t, pred, t)
-    num_layers = len(cfg.lpl.used_layers)
-    active = state.step >= cfg.lpl_start_step
 
     def compute(z0_hat):
-      return lpl_term(z0_hat, z0, ae_params, ae_model=ae_model, cfg=cfg, mesh=mesh, groups=groups)
+      return lpl_term(z0_hat, z0, ae_params, ae_model=ae_model, cfg=cfg, mesh=mesh, groups=groups // accum)
 
     def skip(z0_hat):
       return jnp.zeros(()), jnp.zeros(num_layers), jnp.zeros(num_layers)
 
     lpl_sum, layer_sum, frac_sum = jax.lax.cond(active, compute, skip, z0_hat)
-    rows = cfg.lpl_rows * groups
-    lpl_loss = lpl_sum / (b if cfg.lpl_normalize == 'batch' else rows)
-    total = diffusion + cfg.lpl.weight * lpl_loss
-    metrics.update({'loss/lpl': lpl_sum / rows, 'lpl/rows': jnp.asarray(rows * active, jnp.int32),
-                    'lpl/active': active.astype(jnp.int32)})
+    total = diffusion + cfg.lpl.weight * lpl_sum / (b if cfg.lpl_normalize == 'batch' else rows)
+    metrics['loss/lpl'] = lpl_sum / rows
     for j in range(num_layers):
       metrics[f'lpl/layer_{j}'] = layer_sum[j] / rows
       metrics[f'lpl/outlier_fraction_{j}'] = frac_sum[j] / rows
     return total, metrics
 
-  (total, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  micro = (z0, eps, z_t, t, y)
+  if accum == 1:
+    (total, metrics), grads = grad_fn(state.params, micro)
+  else:
+    def body(carry, micro):
+      (total, metrics), grads = grad_fn(state.params, micro)
+      return jax.tree.map(jnp.add, carry, (total, metrics, grads)), None
+
+    micro = tuple(_microbatches(x, shards, accum, mesh) for x in micro)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                         jax.eval_shape(lambda: (*grad_fn(state.params, first)[0], state.params)))
+    (total, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
+  if use_lpl:
+    metrics.update({'lpl/rows': jnp.asarray(rows * active, jnp.int32), 'lpl/active': active.astype(jnp.int32)})
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   step = state.step + 1

@@ -10,9 +10,11 @@ from lpl_jax.models.dit import DiT
 BATCH, SIDE, CLASSES = 16, 4, 10
 
 
-def setup(*, weight=3.0, start_step=0, lpl_on=True, chunk=0, groups=0, lr=1e-3):
-  model = DiT(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=CLASSES, in_channels=4)
-  ae_model = ae.from_preset('tiny')
+def setup(*, weight=3.0, start_step=0, lpl_on=True, chunk=0, groups=0, lr=1e-3, accum=1, dtype=jnp.float32,
+          remat=False):
+  model = DiT(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=CLASSES, in_channels=4, dtype=dtype,
+              remat=remat)
+  ae_model = ae.from_preset('tiny', dtype=dtype)
   ae_params = jax.jit(lambda k: ae.init_params(ae_model, k))(jax.random.key(9))
   form = diffusion.get_formulation('ddpm_eps')
   sampler = diffusion.TimestepSampler(num_timesteps=1000)
@@ -21,7 +23,8 @@ def setup(*, weight=3.0, start_step=0, lpl_on=True, chunk=0, groups=0, lr=1e-3):
   k = sampler.split(form, lpl.noise_level_threshold(lcfg, SIDE * 8), group) if lpl_on else 0
   optim = train.OptimConfig(lr=lr, ema_decay=0.9)
   cfg = train.StepConfig(form, sampler, optim, lpl=lcfg, lpl_rows=k, lpl_groups=groups, lpl_start_step=start_step,
-                         lpl_chunk=chunk, null_class=CLASSES)
+                         lpl_chunk=chunk, null_class=CLASSES,
+                         accum_steps=accum)
   return model, ae_model, ae_params, cfg
 
 
