@@ -37,13 +37,21 @@ from lpl_jax.data.transforms import CropConfig, to_float
 
 
 def load_autoencoder(spec: str, *, seed: int = 0) -> tuple[ae.AutoencoderKL, Any, bool]:
-  """`(model, params, random_weights)` from a diffusers folder or a preset name (random weights from `seed`)."""
+  """`(model, params, random_weights)` from a diffusers folder or a preset name.
+
+  A preset gets random encoder parameters from `seed` (only the encoder and `quant_conv`: flax derives each module's
+  initialisation from its path, so these equal the encoder part of `init_params(model, key)`, and skipping the
+  decoder halves the start-up compilation).
+  """
   if os.path.isdir(spec):
     model, params = ae.from_diffusers(spec)
     return model, params, False
   if spec in ae.PRESETS:
     model = ae.from_preset(spec)
-    return model, jax.jit(lambda key: ae.init_params(model, key))(jax.random.key(seed)), True
+    x = jnp.zeros((1, 2 * model.config.downsample_factor, 2 * model.config.downsample_factor,
+                   model.config.in_channels), jnp.float32)
+    init = jax.jit(lambda key: model.init(key, x, method=model.encode)['params'])
+    return model, init(jax.random.key(seed)), True
   raise ValueError(f'--autoencoder={spec!r} is neither a diffusers autoencoder folder nor a preset '
                    f'({sorted(ae.PRESETS)}).')
 

@@ -1,0 +1,192 @@
+"""Latent cache: writer/reader layout, atomic writes, posterior sampling, and `python -m lpl_jax.encode` end to end
+against encoding the pipeline's images directly."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from lpl_jax import autoencoder as ae
+from lpl_jax import data, encode
+
+# A two-level autoencoder (f=2) that compiles in seconds; scaling and shift are not 1 and 0, so that a cache that
+# forgot to scale (or scaled twice) would be caught.
+SMALL = ae.AutoencoderConfig(block_out_channels=(8, 16), decoder_block_out_channels=(8, 16), layers_per_block=1,
+                             decoder_layers_per_block=1, latent_channels=4, norm_num_groups=4, scaling_factor=0.5,
+                             shift_factor=0.1)
+
+
+def pipeline(source, **kw):
+  args = dict(global_batch=4, seed=0, shuffle=False, process_index=0, process_count=1)
+  args.update(kw)
+  return data.make_latent_pipeline(source, **args)
+
+
+def write(path, count=10, shard_size=4, store_std=True, text=True, scale=2.0, shift=-0.5, **kw):
+  rng = np.random.default_rng(0)
+  mean = rng.normal(size=(count, 2, 3, 4)).astype(np.float32)
+  std = rng.uniform(0.1, 0.5, size=mean.shape).astype(np.float32)
+  labels = rng.integers(0, 5, count).astype(np.int32)
+  emb = rng.normal(size=(count, 3, 8)).astype(np.float32)
+  with data.LatentCacheWriter(path, resolution=16, scaling_factor=scale, shift_factor=shift, store_std=store_std,
+                              shard_size=shard_size, **kw) as w:
+    for lo in range(0, count, 3):  # batches that do not line up with the shards
+      sl = slice(lo, lo + 3)
+      w.add(mean[sl], labels[sl], std[sl] if store_std else None, emb[sl] if text else None)
+  return mean, std, labels, emb
+
+
+def test_writer_layout_and_source_records(tmp_path):
+  path = tmp_path / 'cache'
+  mean, std, labels, emb = write(path)
+  index = json.loads((path / 'index.json').read_text())
+  assert index['count'] == 10 and index['num_shards'] == 3 and index['latents'] == 'raw'
+  assert sorted(os.listdir(path)) == sorted(['index.json', 'labels.npy'] + [
+      f'{k}-0000{s}.npy' for k in ('mean', 'std', 'text') for s in range(3)])
+  np.testing.assert_array_equal(np.load(path / 'mean-00002.npy'), mean[8:])  # raw on disk
+  src = data.LatentCacheSource(path)
+  assert len(src) == 10 and src.latent_shape == (2, 3, 4) and src.resolution == 16 and src.has_std
+  for i in (0, 5, 9):
+    rec = src[i]
+    np.testing.assert_allclose(rec['latent'], (mean[i] + 0.5) * 2.0, rtol=1e-6)
+    np.testing.assert_allclose(rec['latent_std'], std[i] * 2.0, rtol=1e-6)
+    np.testing.assert_array_equal(rec['text'], emb[i])
+    assert int(rec['label']) == labels[i]
+  batches = list(pipeline(src, sample_posterior=False, num_epochs=1))
+  assert len(batches) == 2 and sorted(batches[0]) == ['labels', 'latents', 'text']
+  np.testing.assert_allclose(batches[1]['latents'], (mean[4:8] + 0.5) * 2.0, rtol=1e-6)
+  np.testing.assert_array_equal(batches[1]['text'], emb[4:8])
+  np.testing.assert_array_equal(batches[1]['labels'], labels[4:8])
+
+
+def test_posterior_sampling(tmp_path):
+  mean, std, _, _ = write(tmp_path / 'c', count=64, shard_size=64, text=False)
+  src = data.LatentCacheSource(tmp_path / 'c')
+  a = list(pipeline(src, global_batch=64, num_epochs=1))[0]['latents']
+  b = list(pipeline(src, global_batch=64, num_epochs=1))[0]['latents']
+  c = list(pipeline(src, global_batch=64, num_epochs=1, seed=1))[0]['latents']
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+  eps = (a - (mean + 0.5) * 2.0) / (std * 2.0)  # the scaled sample is scale * (mean + std * eps - shift)
+  assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1) < 0.05
+  assert 'text' not in list(pipeline(src, global_batch=64, num_epochs=1))[0]
+
+
+def test_writes_are_atomic(tmp_path):
+  path = tmp_path / 'c'
+  write(path, count=6)
+  before = (path / 'mean-00000.npy').read_bytes()
+  with pytest.raises(FileExistsError, match='already exists'):
+    write(path)
+  with pytest.raises(RuntimeError, match='interrupted'):
+    with data.LatentCacheWriter(path, resolution=16, scaling_factor=1.0, overwrite=True) as w:
+      w.add(np.zeros((2, 2, 3, 4)), np.zeros(2))
+      raise RuntimeError('interrupted')
+  assert (path / 'mean-00000.npy').read_bytes() == before  # the old cache survives a failed overwrite
+  assert sorted(os.listdir(tmp_path)) == ['c']  # and no temporary folder is left behind
+  write(path, count=5, overwrite=True, scale=1.0)
+  assert len(data.LatentCacheSource(path)) == 5 and sorted(os.listdir(tmp_path)) == ['c']
+
+
+def test_cache_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match='does not exist; write one with `python -m lpl_jax.encode'):
+    data.LatentCacheSource(tmp_path / 'nothing')
+  write(tmp_path / 'c', count=8)
+  src = data.LatentCacheSource(tmp_path / 'c')
+  with pytest.raises(ValueError, match='encoded at resolution 16, the pipeline asks for 32'):
+    pipeline(src, resolution=32)
+  with pytest.raises(ValueError, match='global batch 4 is not divisible by the process count 3'):
+    pipeline(src, process_index=0, process_count=3)
+  with data.LatentCacheWriter(tmp_path / 'd', resolution=16, scaling_factor=1.0, store_std=False) as w:
+    w.add(np.zeros((2, 2, 3, 4)), np.zeros(2))
+    with pytest.raises(ValueError, match='store_std=False but add got std=True'):
+      w.add(np.zeros((2, 2, 3, 4)), np.zeros(2), std=np.ones((2, 2, 3, 4)))
+    with pytest.raises(ValueError, match='differ from the earlier'):
+      w.add(np.zeros((2, 4, 4, 4)), np.zeros(2))
+  os.remove(tmp_path / 'c' / 'std-00001.npy')
+  with pytest.raises(FileNotFoundError, match="missing shard files \\['std-00001.npy'\\]"):
+    data.LatentCacheSource(tmp_path / 'c')
+
+
+@pytest.fixture(scope='module')
+def small_autoencoder(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('small_vae')
+  model = ae.AutoencoderKL(SMALL)
+  # Random values for the shapes `init_params` would create, drawn on the host: flax's initialisers would cost a
+  # 30-second compilation on this CPU for nothing the test needs.
+  shapes = jax.eval_shape(lambda k: ae.init_params(model, k), jax.random.key(0))
+  rng = np.random.default_rng(7)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == 'kernel':
+      return rng.normal(size=leaf.shape).astype(np.float32) / np.sqrt(np.prod(leaf.shape[:-1]))
+    return (1.0 if name == 'scale' else 0.0) + 0.1 * rng.normal(size=leaf.shape).astype(np.float32)
+
+  ae.save_diffusers(folder, model, jax.tree_util.tree_map_with_path(draw, shapes))
+  return str(folder)
+
+
+def encode_directly(folder, images):
+  model, params = ae.from_diffusers(folder)
+  mean, logvar = jax.jit(lambda p, x: model.apply({'params': p}, x, method=model.encode))(params, images)
+  return model.scale_latents(mean), np.exp(0.5 * logvar) * model.scaling_factor
+
+
+def test_encode_cli_round_trip_equals_encoding_on_the_fly(tmp_path, small_autoencoder, capsys):
+  out = tmp_path / 'cache'
+  encode.main(['--source=embedded', '--num_samples=10', '--resolution=16', f'--autoencoder={small_autoencoder}',
+               f'--out={out}', '--batch_size=4', '--store_std', '--no_progress'])
+  assert 'RANDOM' not in capsys.readouterr().out
+  src = data.LatentCacheSource(out)
+  assert len(src) == 10 and src.latent_shape == (8, 8, 4) and src.index['metadata']['num_classes'] == 16
+  assert src.index['metadata']['autoencoder_config']['shift_factor'] == 0.1
+
+  # The same records through the image pipeline (unshuffled, the encoder's default random crops for the embedded
+  # photographs, same seed), encoded here in one batch.
+  images = next(iter(data.make_image_pipeline(
+      data.EmbeddedSource(num_samples=10), resolution=16, global_batch=10, seed=0, shuffle=False, random_crop=True,
+      num_epochs=1, process_index=0, process_count=1)))
+  expected, expected_std = encode_directly(small_autoencoder, images['images'])
+  cached = next(iter(pipeline(src, global_batch=10, sample_posterior=False, resolution=16)))
+  np.testing.assert_allclose(cached['latents'], expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(cached['labels'], images['labels'])
+  np.testing.assert_allclose(np.stack([src[i]['latent_std'] for i in range(10)]), expected_std, rtol=1e-4)
+
+
+def test_encode_argument_errors(tmp_path, small_autoencoder):
+  with pytest.raises(ValueError, match='neither a diffusers autoencoder folder nor a preset'):
+    encode.main(['--autoencoder=nope', f'--out={tmp_path / "x"}', '--num_samples=4'])
+  model, params = ae.from_diffusers(small_autoencoder)
+  src = data.EmbeddedSource(num_samples=4)
+  with pytest.raises(ValueError, match="resolution 15 is not a multiple of the autoencoder's downsampling factor 2"):
+    encode.encode_to_cache(src, model, params, str(tmp_path / 'x'), resolution=15, batch_size=2)
+  with pytest.raises(ValueError, match='num_samples=9: the source'):
+    encode.encode_to_cache(src, model, params, str(tmp_path / 'x'), resolution=16, batch_size=2, num_samples=9)
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_encode_cli_with_the_tiny_preset_says_weights_are_random(tmp_path, capsys):
+  out = tmp_path / 'tiny'
+  encode.main(['--source=embedded', '--num_samples=6', '--resolution=32', '--autoencoder=tiny', f'--out={out}',
+               '--batch_size=4', '--no_progress'])
+  assert "preset 'tiny' has RANDOM weights" in capsys.readouterr().out
+  model, params, random_weights = encode.load_autoencoder('tiny', seed=0)
+  assert random_weights
+  images = next(iter(data.make_image_pipeline(
+      data.EmbeddedSource(num_samples=6), resolution=32, global_batch=6, seed=0, shuffle=False, random_crop=True,
+      num_epochs=1, process_index=0, process_count=1)))['images']
+  mean, _ = model.apply({'params': params}, images, method=model.encode)
+  cached = next(iter(pipeline(data.LatentCacheSource(out), global_batch=6)))['latents']
+  np.testing.assert_allclose(cached, model.scale_latents(mean), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_preset_encoder_params_equal_those_of_init_params():
+  model, params, _ = encode.load_autoencoder('tiny', seed=3)
+  full = ae.init_params(model, jax.random.key(3))
+  assert sorted(params) == ['encoder', 'quant_conv']
+  jax.tree.map(np.testing.assert_array_equal, params, {k: full[k] for k in params})
