@@ -7,6 +7,7 @@ from lpl_jax.data.pipeline import (
     iterator_state_to_bytes,
     make_image_pipeline,
     make_latent_pipeline,
+    make_pipeline,
     steps_per_epoch,
 )
 from lpl_jax.data.sources import EMBEDDED_PHOTOS, EmbeddedSource, ImageFolderSource, TfdsSource, make_source
@@ -15,5 +16,5 @@ from lpl_jax.data.transforms import CropConfig
 __all__ = [
     'EMBEDDED_PHOTOS', 'CropConfig', 'EmbeddedSource', 'ImageFolderSource', 'LatentCacheSource', 'LatentCacheWriter',
     'TfdsSource', 'image_stream', 'iterator_state_from_bytes', 'iterator_state_to_bytes', 'make_image_pipeline',
-    'make_latent_pipeline', 'make_source', 'read_index', 'steps_per_epoch',
+    'make_latent_pipeline', 'make_pipeline', 'make_source', 'read_index', 'steps_per_epoch',
 ]

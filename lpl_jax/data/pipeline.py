@@ -198,6 +198,26 @@ def make_latent_pipeline(source: Any, *, global_batch: int, seed: int, shuffle: 
                  batch_fn=batch_fn, worker_count=worker_count, read_threads=read_threads, prefetch=prefetch)
 
 
+def make_pipeline(source: Any, *, resolution: int, global_batch: int, seed: int, shuffle: bool = True,
+                  random_flip: bool = False, random_crop: bool = False, crop_scale: tuple[float, float] = (0.5, 1.0),
+                  sample_posterior: bool = True, num_epochs: int | None = None, worker_count: int = 0,
+                  read_threads: int = 2, prefetch: int = 4, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+  """The training pipeline for any source: `make_latent_pipeline` for a latent cache (which must have been encoded
+  at `resolution`; crops and flips are refused, they would need re-encoding), `make_image_pipeline` otherwise
+  (`sample_posterior` is ignored)."""
+  common = dict(global_batch=global_batch, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                worker_count=worker_count, read_threads=read_threads, prefetch=prefetch, process_index=process_index,
+                process_count=process_count)
+  if hasattr(source, 'latent_shape'):
+    if random_flip or random_crop:
+      raise ValueError(f'random_flip={random_flip}, random_crop={random_crop}: a latent cache holds fixed crops; '
+                       'augment when encoding (`python -m lpl_jax.encode --crop=random`) or train on images.')
+    return make_latent_pipeline(source, sample_posterior=sample_posterior, resolution=resolution, **common)
+  return make_image_pipeline(source, resolution=resolution, random_flip=random_flip, random_crop=random_crop,
+                             crop_scale=crop_scale, **common)
+
+
 def steps_per_epoch(source: Any, global_batch: int) -> int:
   """Complete global batches in one pass over `source` (epochs are not aligned to batches: a batch may straddle
   two epochs)."""

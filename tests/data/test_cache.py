@@ -190,3 +190,37 @@ def test_preset_encoder_params_equal_those_of_init_params():
   full = ae.init_params(model, jax.random.key(3))
   assert sorted(params) == ['encoder', 'quant_conv']
   jax.tree.map(np.testing.assert_array_equal, params, {k: full[k] for k in params})
+
+
+def test_make_pipeline_dispatches_on_the_source(tmp_path):
+  mean, _, labels, _ = write(tmp_path / 'c', count=8, store_std=False, text=False)
+  src = data.make_source(f'cache:{tmp_path / "c"}')
+  args = dict(resolution=16, global_batch=4, seed=0, shuffle=False, process_index=0, process_count=1)
+  batch = next(iter(data.make_pipeline(src, **args)))
+  np.testing.assert_allclose(batch['latents'], (mean[:4] + 0.5) * 2.0, rtol=1e-6)  # no std stored: the mean
+  np.testing.assert_array_equal(batch['labels'], labels[:4])
+  with pytest.raises(ValueError, match='a latent cache holds fixed crops'):
+    data.make_pipeline(src, random_flip=True, **args)
+  images = next(iter(data.make_pipeline(data.EmbeddedSource(num_samples=8), random_flip=True, **args)))
+  assert images['images'].shape == (4, 16, 16, 3)
+
+
+def test_encode_shards_the_batch_over_devices(tmp_path, small_autoencoder):
+  """The CLI in a fresh process with 2 host devices writes the cache a 1-device run writes (up to float error)."""
+  import subprocess
+  import sys
+
+  out1, out2 = tmp_path / 'one', tmp_path / 'two'
+  args = ['--source=embedded', '--num_samples=6', '--resolution=16', f'--autoencoder={small_autoencoder}',
+          '--batch_size=4', '--no_progress']
+  encode.main(args + [f'--out={out1}'])
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+  run = subprocess.run([sys.executable, '-m', 'lpl_jax.encode', *args, f'--out={out2}'], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert 'on 2 cpu device(s)' in run.stdout
+  np.testing.assert_allclose(np.load(out2 / 'mean-00000.npy'), np.load(out1 / 'mean-00000.npy'), rtol=1e-5,
+                             atol=1e-6)
+  bad = subprocess.run([sys.executable, '-m', 'lpl_jax.encode', *args, '--batch_size=3', f'--out={tmp_path / "x"}'],
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and 'batch_size 3 must be a positive multiple of the 2 local devices' in bad.stderr
