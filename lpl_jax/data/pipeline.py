@@ -7,8 +7,9 @@ The pipeline is a `grain.MapDataset` chain, so every element is a pure function 
 
 Global batch `s` is stream positions `[s * B, (s + 1) * B)`, and process `p` of `P` takes the contiguous rows
 `[p * B / P, (p + 1) * B / P)` of it, so the concatenation of all processes' batches at step `s` is the same for any
-process count. A partial last global batch is dropped. The iterator's state is `{'next_index': s}` (plus worker
-states with `worker_count > 0`): a step counter, JSON-serialisable, identical on every process.
+process count. A partial last global batch is dropped. The iterator's state is `{'next_index': s}`: a step counter,
+JSON-serialisable, identical on every process (with `worker_count > 0`, grain's per-worker positions instead, to be
+restored with the same `worker_count`).
 """
 
 from __future__ import annotations
