@@ -26,8 +26,11 @@ setuptools.setup(
         'scikit-image>=0.26.0',  # ships the photographs of the embedded default data set
     ],
     extras_require={
-        # Parity tests compare against diffusers' PyTorch modules. torch is pinned exactly: the 2.13.0 CPU build
-        # is what this project tests with, and a looser range pulls a multi-GB CUDA build.
-        'test': ['pytest>=9.0', 'ruff>=0.17', 'torch==2.13.0', 'diffusers>=0.42.1'],
+        # Parity tests compare against diffusers' PyTorch modules, pytorch-fid (Inception, Frechet distance) and prdc.
+        # torch and torchvision are pinned as an exact pair: pytorch-fid needs torchvision, and PyPI's torchvision
+        # fails to import beside the 2.13.0 CPU build ('operator torchvision::nms does not exist'); 2.14.1 + 0.29.1
+        # is a matching pair (a CUDA build, ~5.5 GB, run on the CPU here).
+        'test': ['pytest>=9.0', 'ruff>=0.17', 'torch==2.14.1', 'torchvision==0.29.1', 'pytorch-fid==0.3.0',
+                 'prdc==0.2', 'diffusers>=0.42.1'],
     },
 )
