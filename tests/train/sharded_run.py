@@ -11,14 +11,16 @@ import numpy as np
 from lpl_jax import train
 from tests.train import common
 
-MESHES = {'one': (1, 1, False), 'data8': (8, 1, False), 'fsdp8': (1, 8, True), 'mixed': (2, 4, True)}
+# name: (data, fsdp, shard params, gradient accumulation steps)
+MESHES = {'one': (1, 1, False, 1), 'data8': (8, 1, False, 1), 'fsdp8': (1, 8, True, 1), 'mixed': (2, 4, True, 1),
+          'fsdp4_accum2': (1, 4, True, 2)}
 
 
 def run(name):
-  data, fsdp, shard_params = MESHES[name]
+  data, fsdp, shard_params, accum = MESHES[name]
   devices = jax.devices()[:data * fsdp]
   mesh = train.make_mesh(data, fsdp, devices=devices)
-  model, ae_model, ae_params, cfg = common.setup(groups=8)
+  model, ae_model, ae_params, cfg = common.setup(groups=8, accum=accum)
   optimizer = train.make_optimizer(cfg.optim)
   state, shardings = train.init_state(common.init_params_fn(model), optimizer, jax.random.key(0), mesh,
                                       fsdp=shard_params)
