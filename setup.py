@@ -22,6 +22,7 @@ setuptools.setup(
         'safetensors>=0.8.0',
         'pillow>=11.0',
         'tqdm>=4.67',
+        'tensorboardX>=2.6',  # TensorBoard event files without TensorFlow
         'matplotlib>=3.10',
         'scikit-image>=0.26.0',  # ships the photographs of the embedded default data set
     ],

@@ -127,10 +127,17 @@ def _microbatches(x: jax.Array, shards: int, accum: int, mesh: Mesh | None) -> j
 def train_step(state: TrainState, batch: dict[str, jax.Array], ae_params: Any, *, model: Any,
                optimizer: optax.GradientTransformation, cfg: StepConfig, ae_model: AutoencoderKL | None = None,
                mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One step on `batch = {'latents': [B, h, w, c] (scaled), 'labels': [B]}`; `ae_params` are frozen."""
+  """One step; `ae_params` are frozen.
+
+  `batch`: `{'latents': [B, h, w, c] (scaled), 'labels': [B]}` for class-conditional denoisers, or
+  `{'latents', 'context': [B, L, D]}` (plus optionally `'pooled': [B, P]`) of precomputed text embeddings for
+  text-conditional ones; label dropout replaces a label by `null_class`, or zeroes a row's text embeddings.
+  """
   form = cfg.formulation
-  z0, labels = batch['latents'], batch['labels']
+  z0 = batch['latents']
   b, accum = z0.shape[0], cfg.accum_steps
+  if ('labels' in batch) == ('context' in batch):
+    raise ValueError(f"the batch needs one of 'labels' (class-conditional) or 'context' (text); got {sorted(batch)}.")
   shards = 1 if mesh is None else mesh.size
   groups = cfg.lpl_groups or shards * accum
   if b % (shards * accum) or b % groups or groups % (shards * accum):
@@ -142,16 +149,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ae_params: Any, *
   t = stratified_timesteps(t_key, cfg, b, groups) if use_lpl else cfg.sampler.sample(t_key, b)
   eps = jax.random.normal(noise_key, z0.shape, z0.dtype)
   z_t = form.add_noise(z0, eps, t)
-  drop = jax.random.bernoulli(drop_key, cfg.label_dropout, labels.shape)
-  y = jnp.where(drop, cfg.null_class, labels)
+  drop = jax.random.bernoulli(drop_key, cfg.label_dropout, (b,))
+  if 'labels' in batch:
+    cond = {'y': jnp.where(drop, cfg.null_class, batch['labels'])}
+  else:
+    cond = {k: jnp.where(drop.reshape((b,) + (1,) * (v.ndim - 1)), jnp.zeros_like(v), v)
+            for k, v in batch.items() if k in ('context', 'pooled')}
   rows = cfg.lpl_rows * groups  # LPL rows of the whole batch
   active = state.step >= cfg.lpl_start_step
   num_layers = len(cfg.lpl.used_layers) if use_lpl else 0
 
   def loss_fn(params, micro):
     """This micro-batch's share of the step's loss (the sum over micro-batches is the batch's loss) and metrics."""
-    z0, eps, z_t, t, y = micro
-    pred = model.apply({'params': params}, z_t, form.model_time(t), y)
+    z0, eps, z_t, t, cond = micro
+    cond = dict(cond)
+    pred = model.apply({'params': params}, z_t, form.model_time(t), cond.pop('y', None), **cond)
     diffusion = jnp.mean(form.loss(pred, z0, eps, t)) / accum
     metrics = {'loss/diffusion': diffusion}
     if not use_lpl:
@@ -173,7 +185,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ae_params: Any, *
     return total, metrics
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  micro = (z0, eps, z_t, t, y)
+  micro = (z0, eps, z_t, t, cond)
   if accum == 1:
     (total, metrics), grads = grad_fn(state.params, micro)
   else:
@@ -181,7 +193,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ae_params: Any, *
       (total, metrics), grads = grad_fn(state.params, micro)
       return jax.tree.map(jnp.add, carry, (total, metrics, grads)), None
 
-    micro = tuple(_microbatches(x, shards, accum, mesh) for x in micro)
+    micro = jax.tree.map(lambda x: _microbatches(x, shards, accum, mesh), micro)
     first = jax.tree.map(lambda x: x[0], micro)
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
                          jax.eval_shape(lambda: (*grad_fn(state.params, first)[0], state.params)))
