@@ -11,6 +11,8 @@ Variants (comma-separated): `pretrain` or `post` (phase), `lpl` (post-training w
 
 from lpl_jax import experiment
 
+VARIANTS = ('pretrain', 'post', 'post,lpl', 'pretrain,flow', 'post,lpl,flow', 'pretrain,v', 'post,lpl,v')
+
 
 def get_config(arg=None):
   tokens = [t for t in (arg or 'pretrain').split(',') if t]

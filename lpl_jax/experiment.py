@@ -216,9 +216,15 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None, ch
            f'init.checkpoint={c.init.checkpoint!r} is not a folder.')
   # Constructing the dataclasses checks the remaining values (sampler kinds, optimizer, LPL fields).
   try:
-    step_config(c, num_devices=num_devices)
+    cfg = step_config(c, num_devices=num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  if c.lpl.enabled:
+    group = d.global_batch // cfg.lpl_groups
+    mass = cfg.sampler.mass_below(cfg.formulation, lpl_lib.noise_level_threshold(cfg.lpl, d.resolution))
+    _check(cfg.lpl_rows > 0, f'lpl.enabled but no row gets LPL: groups of {group} rows (data.global_batch / '
+           f'lpl.groups) times the {mass:.3f} of timesteps below the noise threshold (lpl.tau={c.lpl.tau} at '
+           f'{d.resolution} px) is under one row; use fewer, larger groups (lpl.groups) or a larger batch.')
 
 
 def autoencoder_config(c: ml_collections.ConfigDict) -> ae_lib.AutoencoderConfig:

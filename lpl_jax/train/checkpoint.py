@@ -36,7 +36,8 @@ class Checkpointer:
 
   Args:
     directory: where the step folders go (created if missing).
-    save_every: save when `step % save_every == 0` (and whenever `save(..., force=True)`).
+    save_every: save when `step % save_every == 0`, at the first save of a run, and whenever
+      `save(..., force=True)`.
     keep: how many of the latest checkpoints to keep (None = all).
     async_save: write in a background thread (orbax's async checkpointing).
   """
@@ -100,6 +101,12 @@ class Checkpointer:
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 class PreemptionWatch:

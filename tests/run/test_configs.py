@@ -1,0 +1,106 @@
+"""Every config in configs/ builds and validates, and its train step lowers for abstract inputs; bad configs give
+the promised errors before anything compiles."""
+
+import numpy as np
+import pytest
+
+from lpl_jax import data as data_lib
+from lpl_jax import experiment
+from tests.run import common
+
+
+def test_every_config_file_lists_its_variants():
+  assert {'demo_cpu.py', 'imagenet.py', 'cc12m.py'} <= set(common.CONFIG_FILES)
+  variants = dict.fromkeys(common.CONFIG_FILES, 0)
+  for name, _ in common.all_variants():
+    variants[name] += 1
+  assert variants['imagenet.py'] == 15 and variants['cc12m.py'] == 5 and variants['demo_cpu.py'] >= 3
+
+
+@pytest.mark.parametrize('name,variant', common.all_variants())
+def test_config_builds_and_validates(name, variant):
+  c = common.load(name).get_config(variant)
+  devices = 1 if name == 'demo_cpu.py' else 8
+  experiment.validate(c, num_devices=devices, check_files=False)
+  cfg = experiment.step_config(c, num_devices=devices)
+  assert (cfg.lpl is not None) == ('lpl' in variant.split(','))
+  if cfg.lpl is not None:
+    assert cfg.lpl_rows > 0
+    assert c.optim.ema_decay == (0.99975 if name != 'demo_cpu.py' else c.optim.ema_decay)
+
+
+def test_paper_settings():
+  c = common.load('imagenet.py').get_config('post512,lpl,flow')
+  assert (c.data.resolution, c.total_steps, c.sample.guidance, c.lpl.weight) == (512, 120_000, 2.0, 3.0)
+  assert (c.diffusion.formulation, c.diffusion.timesteps, c.sample.sampler) == ('flow_ot', 'mode', 'euler')
+  v = common.load('imagenet.py').get_config('post256,v')
+  assert v.diffusion.zero_terminal_snr and v.optim.ema_decay == 0.9999 and v.sample.guidance == 1.5
+  with pytest.raises(ValueError, match="unknown config variant token 'lpk'"):
+    common.load('imagenet.py').get_config('post512,lpk')
+
+
+def _demo():
+  return common.load('demo_cpu.py').get_config('post,lpl')
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('data.resolution', 36, "data.resolution=36 is not a multiple of the autoencoder's downsampling factor 8"),
+    ('model.patch_size', 3, 'do not split into model.patch_size=3 patches'),
+    ('data.global_batch', 12, 'data.global_batch=12 does not split over 8 devices'),
+    ('step.accum_steps', 4, 'does not split over 8 devices x step.accum_steps=4'),
+    ('diffusion.formulation', 'ddpm_q', "diffusion.formulation='ddpm_q'"),
+    ('sample.sampler', 'euler', "sample.sampler='euler' does not fit diffusion.formulation='ddpm_eps'"),
+    ('model.num_heads', 5, 'not a multiple of model.num_heads=5'),
+    ('data.source', 'hub:imagenet', "data.source='hub:imagenet'"),
+    ('model.dtype', 'float16', "model.dtype='float16'"),
+    ('lpl.num_blocks', 9, 'lpl.num_blocks=9'),
+    ('optim.lr', -1.0, 'invalid optimizer config'),
+    ('lpl.normalize', 'gated', "lpl_normalize='gated'"),
+    ('lpl.tau', 0.01, 'lpl.enabled but no row gets LPL'),
+])
+def test_inconsistent_config_is_named(field, value, message):
+  c = _demo()
+  section, key = field.split('.')
+  c[section][key] = value
+  with pytest.raises(experiment.ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')):
+    experiment.validate(c, num_devices=8, check_files=False)
+
+
+def test_files_a_config_names_are_checked(tmp_path):
+  c = common.load('imagenet.py').get_config('post512,lpl')
+  with pytest.raises(experiment.ConfigError, match='autoencoder.weights is empty'):
+    experiment.validate(c, num_devices=1)
+  c.autoencoder.allow_random_weights = True
+  with pytest.raises(experiment.ConfigError, match='--config.init.checkpoint=WORKDIR'):
+    experiment.validate(c, num_devices=1)
+  c.init.checkpoint = str(tmp_path / 'missing')
+  with pytest.raises(experiment.ConfigError, match='is not a folder'):
+    experiment.validate(c, num_devices=1)
+
+
+def test_latent_cache_shapes_must_match_the_config(tmp_path):
+  path = str(tmp_path / 'cache')
+  with data_lib.LatentCacheWriter(path, resolution=64, scaling_factor=1.0) as w:
+    w.add(np.zeros((2, 8, 8, 4), np.float32), np.zeros(2, np.int32), text=np.zeros((2, 7, 16), np.float32))
+  c = _demo()
+  c.data.source = f'cache:{path}'
+  with pytest.raises(experiment.ConfigError, match=r'holds \(8, 8, 4\) latents but data.resolution=32'):
+    experiment.validate(c, num_devices=1)
+  c.data.resolution = 64
+  experiment.validate(c, num_devices=1)
+  c.model.kind, c.model.context_dim, c.model.context_len = 'mmdit', 32, 7
+  with pytest.raises(experiment.ConfigError, match=r'context_len/context_dim = \(7, 32\)'):
+    experiment.validate(c, num_devices=1)
+
+
+def test_demo_step_lowers():
+  lowered = experiment.lower_train_step(_demo())
+  assert 'stablehlo' in lowered.as_text()[:20000] or lowered.as_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name,variant', [nv for nv in common.all_variants() if nv[0] != 'demo_cpu.py'])
+def test_paper_config_step_lowers(name, variant):
+  """The paper-scale step (28-block MMDiT, SD decoder, LPL) traced and lowered on abstract shapes."""
+  lowered = experiment.lower_train_step(common.load(name).get_config(variant))
+  assert lowered.as_text()
