@@ -23,6 +23,22 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and sam
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (multi-host runs).')
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a clear error for a `--config.a.b=v` override naming a field the config does not have
+  (ml_collections raises a bare KeyError/AttributeError there)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+  except (KeyError, AttributeError) as e:
+    key = str(e).strip('\'"')
+    names = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
+    bad = [n for n in names if key in n.split('.')] or names
+    print(f'error: {", ".join(bad)}: the config has no field {key!r}; overrides must name an existing field of the '
+          'config file (see docs/configs.md).', file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
@@ -39,4 +55,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
