@@ -171,7 +171,10 @@ cmd_setup() {
     # This checkout as it is: tracked files with their uncommitted edits (git stash create records them in a
     # commit without touching the work tree or the stash list). Untracked files are not shipped.
     local snapshot tarball=${TMPDIR:-/tmp}/lpl-jax-$NAME.tar.gz
-    snapshot=$(git -C "$REPO_DIR" stash create)
+    git -C "$REPO_DIR" rev-parse --git-dir >/dev/null 2>&1 ||
+      die "$REPO_DIR is not a git checkout; pass --repo-url URL [--ref REF] to install from a repository."
+    # (The stash commit's author is irrelevant; set one so this works where git has no identity configured.)
+    snapshot=$(git -C "$REPO_DIR" -c user.name=lpl-launch -c user.email=lpl-launch@localhost stash create)
     snapshot=${snapshot:-HEAD}
     run git -C "$REPO_DIR" archive --format=tar.gz -o "$tarball" "$snapshot"
     run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:lpl-jax.tar.gz" "${LOCATION[@]}" --worker=all

@@ -30,10 +30,14 @@ worker_id() {
   fi
 }
 
+alive() {  # a process that exists and is not a zombie waiting to be reaped
+  kill -0 "$1" 2>/dev/null && [[ $(ps -o stat= -p "$1" 2>/dev/null) != Z* ]]
+}
+
 running_pid() {  # prints the pid of a live training process started by `train`, or fails
   local pid
   pid=$(cat "$PID_FILE" 2>/dev/null) || return 1
-  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && printf '%s' "$pid"
+  [[ -n $pid ]] && alive "$pid" && printf '%s' "$pid"
 }
 
 find_python() {
@@ -119,11 +123,11 @@ cmd_stop() {
   fi
   kill -TERM "$pid"
   echo "worker $W: sent SIGTERM to pid $pid (the trainer saves a checkpoint at the next step, then exits)"
-  while kill -0 "$pid" 2>/dev/null && ((waited < timeout)); do
-    sleep 1
+  while alive "$pid" && ((waited < 5 * timeout)); do
+    sleep 0.2
     waited=$((waited + 1))
   done
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     echo "worker $W: pid $pid still running after ${timeout}s" >&2
     return 1
   fi
