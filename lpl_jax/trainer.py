@@ -89,7 +89,7 @@ def to_uint8(images: jax.Array) -> jax.Array:
 
 
 def make_sample_fn(c: ml_collections.ConfigDict, model: Any, ae_model: AutoencoderKL,
-                   form: diffusion.Formulation):
+                   form: diffusion.Formulation, mesh: Any = None):
   """`(params, ae_params, key, cond) -> uint8 images [N, H, W, 3]`, jitted: the configured sampler from pure noise,
   then the decoder. `cond` is `{'labels': [N]}`, or `{'context': [N, L, D]}` for text models (classifier-free
   guidance then uses zero embeddings as the null condition)."""
@@ -112,6 +112,8 @@ def make_sample_fn(c: ml_collections.ConfigDict, model: Any, ae_model: Autoencod
                for k, v in cond.items()}
         return model.apply({'params': params}, x, t, None, **ctx)
     x0 = jax.random.normal(noise_key, (y.shape[0], *shape))
+    if mesh is not None:  # each device samples its rows
+      x0 = jax.lax.with_sharding_constraint(x0, train.batch_sharding(mesh))
     z = diffusion.sample(model_fn, form, x0, key, sampler=sc.sampler, num_steps=sc.steps, eta=sc.eta,
                          guidance_scale=sc.guidance, y=y, null_class=null, shift=c.diffusion.shift)
     images = ae_model.apply({'params': ae_params}, ae_model.unscale_latents(z), method=ae_model.decode)
@@ -245,7 +247,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   preempt = PreemptionWatch()
   encode = None if c.data.source.startswith('cache:') else _make_encode_fn(run)
   text = bool(c.model.context_dim)
-  sample_fn = make_sample_fn(c, run.model, run.ae_model, run.step_cfg.formulation)
+  sample_fn = make_sample_fn(c, run.model, run.ae_model, run.step_cfg.formulation, run.mesh)
   data_key = jax.random.fold_in(jax.random.key(c.seed), 1)
   sample_cond = sample_conditions(c, run.source)
   pending, last = None, {}

@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def _to_storable(state: TrainState) -> TrainState:
+  """The PRNG key as raw key data (orbax stores plain arrays); works on arrays and on `jax.ShapeDtypeStruct`s."""
   if jax.dtypes.issubdtype(state.rng.dtype, jax.dtypes.prng_key):
+    if isinstance(state.rng, jax.ShapeDtypeStruct):
+      return state.replace(rng=jax.eval_shape(jax.random.key_data, state.rng))
     state = state.replace(rng=jax.random.key_data(state.rng))
   return state
 
@@ -88,7 +91,8 @@ class Checkpointer:
         continue
       state = out['state']
       if typed_key:
-        state = state.replace(rng=jax.random.wrap_key_data(state.rng, impl=jax.random.key_impl(target.rng)))
+        impl = None if isinstance(target.rng, jax.ShapeDtypeStruct) else jax.random.key_impl(target.rng)
+        state = state.replace(rng=jax.random.wrap_key_data(state.rng, impl=impl))
       return state, dict(out['data'] or {}), s
     if steps and step is None:
       raise RuntimeError(f'none of the checkpoints {steps} in {self.directory} could be restored.')

@@ -161,3 +161,21 @@ def test_bad_command_line_fails_before_compiling(env, tmp_path, override, messag
   assert message in proc.stderr, proc.stderr[-2000:]
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints'), 'nothing may run before the config is checked'
   assert time.time() - start < 300
+
+
+@pytest.mark.slow
+def test_sample_cli_writes_adm_layout(env, pretrained, tmp_path):
+  out = tmp_path / 'samples'
+  cmd = [sys.executable, '-m', 'lpl_jax.sample', f'--workdir={pretrained}', '--num=5', '--batch_size=4', '--steps=3',
+         f'--out={out}']
+  proc = subprocess.run(cmd, cwd=common.ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '5 samples of step 4 (EMA params)' in proc.stdout
+  with np.load(out / 'samples.npz') as f:
+    images, labels = f['arr_0'], f['arr_1']
+  assert images.shape == (5, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
+  np.testing.assert_array_equal(labels, np.arange(5))
+  assert os.path.getsize(out / 'grid.png') > 0
+  missing = subprocess.run(cmd[:3] + [f'--workdir={tmp_path / "nothing"}'], cwd=common.ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+  assert missing.returncode != 0 and 'config.json does not exist' in missing.stderr
