@@ -10,8 +10,9 @@
 # train: runs in the foreground (use tmux or nohup for long runs):
 #   env XLA_PYTHON_CLIENT_MEM_FRACTION=F [CUDA_VISIBLE_DEVICES=0,..,N-1] PY -m lpl_jax.main --config=... \
 #       --workdir=... --config.mesh.data=-1 --config.mesh.fsdp=N OVERRIDES
-# The mesh covers every visible GPU: data-parallel over all of them (mesh.data=-1), with denoiser parameters and
-# optimizer state sharded over groups of --fsdp GPUs when --fsdp > 1 (see mesh.shard_params).
+# The mesh covers every visible GPU: a (data, fsdp) mesh with mesh.data=-1 (what fsdp leaves); the batch is sharded
+# over both axes, and with --config.mesh.shard_params=True the denoiser parameters and optimizer state are sharded
+# over groups of --fsdp GPUs.
 # --mem-fraction (default 0.9) is the share of each GPU's memory that XLA preallocates (JAX's own default: 0.75).
 # --dry-run prints each command, one per line, quoted exactly as it would run, and runs nothing.
 set -euo pipefail

@@ -8,7 +8,8 @@
 #   worker.sh stop [--timeout S]                      SIGTERM (the trainer checkpoints, then exits); waits S seconds
 #   worker.sh status                                  running or not, and the last log line
 #   worker.sh logs [--lines N] [--follow]             tail of this worker's log
-#   worker.sh data --src URL --dest DIR               gcloud storage rsync --recursive URL DIR (on this worker's disk)
+#   worker.sh data --src URL --dest DIR               gcloud storage rsync --recursive URL DIR (this worker's disk;
+#                                                     DIR is created, with sudo if needed)
 #
 # The worker number (log names, messages) is TPU_WORKER_ID if set, else the TPU VM's metadata attribute
 # agent-worker-number, else the host name. It only names things: jax.distributed.initialize() gets the process id
@@ -171,7 +172,10 @@ cmd_data() {
   done
   need "$src" --src
   need "$dest" --dest
-  mkdir -p "$dest"
+  if ! mkdir -p "$dest" 2>/dev/null; then  # e.g. /data: TPU VM users have passwordless sudo
+    sudo mkdir -p "$dest"
+    sudo chown "$(id -u):$(id -g)" "$dest"
+  fi
   gcloud storage rsync --recursive "$src" "$dest"
   echo "worker $W: $src -> $dest ($(du -sh "$dest" | cut -f1))"
 }
