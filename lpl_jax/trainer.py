@@ -1,6 +1,7 @@
 """The training loop: config -> data, state, compiled step; checkpoints, resume, logging, sample grids.
 
-`train_and_evaluate(config, workdir)` is what `python -m lpl_jax.main` runs. In `workdir`:
+`train_and_evaluate(config, workdir)` is what `python -m lpl_jax.main` runs. In `workdir` (for a `gs://` workdir
+only the checkpoints; the rest goes to `runs/remote/...` on the host, see `local_output_dir`):
 
   checkpoints/<step>/     orbax checkpoints: train state + data iterator state (resume is exact)
   metrics.jsonl           one JSON object per logged step
@@ -224,12 +225,23 @@ def _check_finite(step: int, metrics: dict[str, Any]) -> dict[str, float]:
   return scalars
 
 
+def local_output_dir(workdir: str) -> str:
+  """Where metrics, TensorBoard events, sample grids and config.json go: the workdir itself, or, for a remote
+  workdir (`gs://...`, where only the checkpoints are written, by orbax), `runs/remote/<bucket path>` on this host."""
+  if '://' not in workdir:
+    return workdir
+  local = os.path.join('runs', 'remote', workdir.split('://', 1)[1].strip('/'))
+  log.warning('workdir %s is remote: checkpoints go there, logs and samples to %s on this host.', workdir, local)
+  return local
+
+
 def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains to `total_steps`, resuming from `workdir` if it holds a checkpoint; returns the last logged metrics."""
-  os.makedirs(workdir, exist_ok=True)
   run = setup(c)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=c.checkpoint_every,
                       keep=c.keep_checkpoints)
+  workdir = local_output_dir(workdir)
+  os.makedirs(workdir, exist_ok=True)
   state, start = run.state, 0
   data_iter = iter(run.pipeline)
   restored = ckpt.restore(run.state)
