@@ -73,7 +73,7 @@ def kernel_scale(cfg: LPLConfig, image_size: int) -> float:
   return max(1.0, image_size / cfg.base_resolution) if cfg.scale_with_resolution else 1.0
 
 
-def _scaled_kernel(size: int, scale: float) -> int:
+def scaled_kernel(size: int, scale: float) -> int:
   """A base kernel grown with resolution, kept odd so the filtered map keeps its size."""
   if scale == 1.0:
     return size
@@ -132,7 +132,7 @@ def lpl_loss(features_fn: Callable[[jax.Array, int], list[jax.Array]], z0_hat: j
   else:
     weights = terms.depth_weights(cfg.depth_weights, layers, [s[1] for s in shapes])
   scale = kernel_scale(cfg, image_size)
-  opening, closing = _scaled_kernel(cfg.opening, scale), _scaled_kernel(cfg.closing, scale)
+  opening, closing = scaled_kernel(cfg.opening, scale), scaled_kernel(cfg.closing, scale)
 
   layer_losses, fractions = [], []
   for i, down in zip(layers, layer_down_factors(shapes, image_size)):
