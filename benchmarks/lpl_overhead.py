@@ -127,7 +127,7 @@ def abstract_inputs(model: nn.Module, optimizer, mesh, *, side: int, batch: int,
 def while_loops(compiled: Any) -> list[str]:
   """Trip counts of the while loops in the optimised HLO ('?' where XLA does not know it)."""
   text = compiled.as_text()
-  loops = re.findall(r'= \S+ while\(.*', text)
+  loops = [line for line in text.splitlines() if re.search(r'\) while\(', line)]
   counts = []
   for line in loops:
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
