@@ -47,8 +47,6 @@ def _reference(args, feature_fn):
     with np.load(args.ref_cache, allow_pickle=False) as data:
       features = data['features']
     return features, *lpl_eval.feature_statistics(features), f'cached features {args.ref_cache}'
-  if not os.path.isfile(args.ref):
-    raise FileNotFoundError(f'reference file {args.ref!r} does not exist.')
   stored = lpl_eval.load_statistics(args.ref)
   if not lpl_eval.has_images(args.ref):
     if stored is None:
@@ -69,8 +67,9 @@ def evaluate(argv: list[str] | None = None) -> dict:
   for k_name in ('nearest_k_pr', 'nearest_k_dc'):
     if getattr(args, k_name) < 1:
       raise ValueError(f'--{k_name} must be >= 1; got {getattr(args, k_name)}.')
-  if not os.path.isfile(args.samples):
-    raise FileNotFoundError(f'samples file {args.samples!r} does not exist.')
+  for what, path in (('samples', args.samples), ('reference', args.ref)):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{what} file {path!r} does not exist.')
   samples = lpl_eval.load_npz_images(args.samples)  # layout checked before the (slow) weight import
   k_max = max(args.nearest_k_pr, args.nearest_k_dc)
   if samples.shape[0] < k_max + 1:

@@ -17,6 +17,7 @@ to read it). Nothing is downloaded. Layouts in JAX are NHWC.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -310,15 +311,19 @@ def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
   return _to_torch(np.empty(flax_shape, np.bool_)).shape
 
 
+@functools.cache
+def _expected_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
+  shapes = jax.eval_shape(lambda: init_params(FIDInceptionV3(), jax.random.key(0)))
+  return {path: leaf.shape for path, leaf in flax.traverse_util.flatten_dict(shapes).items()}
+
+
 def convert_state_dict(state_dict: Mapping[str, Any]) -> dict:
   """pytorch-fid Inception state dict (name -> array, PyTorch layouts) -> Flax params, strictly checked.
 
   Raises:
     WeightsMismatchError: naming every missing, unexpected and mis-shaped tensor.
   """
-  model = FIDInceptionV3()
-  expected = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-  expected = {path: leaf.shape for path, leaf in flax.traverse_util.flatten_dict(expected).items()}
+  expected = _expected_shapes()
   converted, unexpected, misshaped, misshaped_paths = {}, [], [], set()
   for name, array in state_dict.items():
     if name.endswith(_IGNORED_SUFFIX):

@@ -63,6 +63,7 @@ def test_cli_errors(tmp_path, capsys):
       (['--samples=SAMPLES', f'--inception={missing}'], f'error: Inception weights file {str(missing)!r} does not'),
       (['--samples=FLOAT', f'--inception={missing}'], 'expected uint8 [N, H, W, 3] images'),
       (['--samples=FEW', f'--inception={missing}'], '5 samples are too few for nearest_k=5: need at least 6'),
+      (['--samples=SAMPLES', f'--inception={missing}', '--nearest_k_dc=0'], '--nearest_k_dc must be >= 1'),
   ]
   for args, message in cases:
     args = [a.replace('SAMPLES', str(tmp_path / 'samples.npz')).replace('FLOAT', str(tmp_path / 'float.npz'))
@@ -70,3 +71,6 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
       evaluate.main(args + [f'--ref={tmp_path / "samples.npz"}'])
     assert message in str(e.value), (message, str(e.value))
+  with pytest.raises(SystemExit, match=r"reference file '.*nowhere.npz' does not exist"):
+    evaluate.main([f'--samples={tmp_path / "samples.npz"}', f'--ref={tmp_path / "nowhere.npz"}',
+                   f'--inception={missing}'])
