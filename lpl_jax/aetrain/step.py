@@ -66,11 +66,12 @@ def make_models(cfg: AETrainConfig) -> tuple[AutoencoderKL, PatchDiscriminator |
 def create_state(cfg: AETrainConfig, model: AutoencoderKL, disc: PatchDiscriminator | None,
                  optimizer: optax.GradientTransformation) -> AEState:
   k_ae, k_disc, k_run = jax.random.split(jax.random.key(cfg.seed), 3)
-  params = init_params(model, k_ae, cfg.resolution)
+  # Jitted: eager initialisation dispatches every op on its own and takes tens of seconds on a CPU.
+  params = jax.jit(init_params, static_argnums=(0, 2))(model, k_ae, cfg.resolution)
   disc_params = disc_opt = None
   if disc is not None:
     x = jnp.zeros((1, cfg.resolution, cfg.resolution, 3), jnp.float32)
-    disc_params = disc.init(k_disc, x)['params']
+    disc_params = jax.jit(disc.init)(k_disc, x)['params']
     disc_opt = optimizer.init(disc_params)
   return AEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                  disc_params=disc_params, disc_opt_state=disc_opt, rng=k_run)
