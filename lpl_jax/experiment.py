@@ -127,6 +127,52 @@ def set_formulation(c: ml_collections.ConfigDict, name: str) -> None:
     c.sample.sampler = 'euler'
 
 
+DEMO_VARIANTS = ('pretrain', 'post', 'post,lpl', 'pretrain,flow', 'post,lpl,flow', 'pretrain,v', 'post,lpl,v')
+
+
+def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The paper's recipe in miniature on the embedded photographs at 32 px, for a 2-core CPU (`configs/demo_cpu.py`
+  and `make demo`). Variants: `pretrain` or `post` (phase), `lpl`, and `eps` / `v` / `flow`."""
+  tokens = [t for t in (arg or 'pretrain').split(',') if t]
+  phase = 'post' if 'post' in tokens else 'pretrain'
+  v = parse_variant(','.join(t for t in tokens if t not in ('pretrain', 'post')), lpl=False, formulation='eps')
+  c = base_config()
+  c.total_steps = 1500 if phase == 'pretrain' else 300
+  c.log_every = 10
+  c.checkpoint_every = 250
+  c.num_sample_images = 16
+
+  c.data.source = 'embedded'
+  c.data.resolution = 32
+  c.data.global_batch = 16
+  c.data.num_samples = 4096
+  c.data.random_crop = True
+
+  c.autoencoder.preset = 'tiny'  # random weights unless autoencoder.weights names a trained one (make demo does)
+  c.autoencoder.allow_random_weights = True
+  c.autoencoder.remat = False
+
+  c.model.kind = 'dit'
+  c.model.hidden_size = 128
+  c.model.depth = 4
+  c.model.num_heads = 4
+  c.model.num_classes = 16  # at least the number of embedded photographs (their index is the class)
+  c.model.dtype = 'float32'
+  c.model.remat = False
+
+  set_formulation(c, v['formulation'])
+  c.optim.lr = 5e-4 if phase == 'pretrain' else 2e-4
+  c.optim.warmup_steps = 50 if phase == 'pretrain' else 0
+  c.optim.ema_decay = 0.995 if v['lpl'] else 0.998  # the paper's ratio of EMA half-lives (0.99975 vs 0.9999)
+  c.optim.ema_warmup = True
+
+  c.lpl.enabled = v['lpl']
+  c.lpl.remat = False
+  c.sample.steps = 25
+  c.sample.guidance = 1.5
+  return c
+
+
 class ConfigError(ValueError):
   """A config that cannot run; raised before anything compiles."""
 
