@@ -1,0 +1,39 @@
+"""The Colab notebooks run top to bottom (small settings) on the CPU."""
+
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _execute(name, tmp_path, monkeypatch, **env):
+  for k, v in dict(LPL_NOTEBOOK_QUICK='1', PYTHONPATH=ROOT, **env).items():
+    monkeypatch.setenv(k, v)
+  nb = nbformat.read(os.path.join(ROOT, 'notebooks', name), as_version=4)
+  assert all(not c.get('outputs') for c in nb.cells if c.cell_type == 'code'), 'commit notebooks with outputs stripped'
+  NotebookClient(nb, timeout=900, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}).execute()
+  return nb
+
+
+def _text(nb):
+  return '\n'.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code' for o in c.outputs)
+
+
+@pytest.mark.slow
+def test_quickstart_runs(tmp_path, monkeypatch):
+  nb = _execute('lpl_quickstart.ipynb', tmp_path, monkeypatch, LPL_AE_FOLDER='')
+  text = _text(nb)
+  assert 'RANDOM weights' in text and 'perturbation  0.40: LPL' in text
+  assert 'baseline {' in text and 'LPL {' in text
+  images = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs if 'image/png' in o.get('data', {})]
+  assert len(images) == 2
+
+
+@pytest.mark.slow
+def test_experiment_notebook_runs(tmp_path, monkeypatch):
+  nb = _execute('lpl_experiment.ipynb', tmp_path, monkeypatch, LPL_NOTEBOOK_WORKDIR=str(tmp_path / 'demo'))
+  assert os.path.isfile(tmp_path / 'demo' / 'report.md')
+  assert '"frechet_small_domain"' in _text(nb)
