@@ -60,6 +60,7 @@ def get_config(arg=None):
   c.lpl.enabled = v['lpl']
   c.lpl.weight = 3.0
   c.lpl.tau = 5.0
+  c.lpl.chunk = 1  # one row at a time through the decoder: bounded memory, same FLOPs (benchmarks/lpl_overhead.py)
   c.sample.steps = 50
   c.sample.guidance = 1.5 if v['res'] == 256 else 2.0
   c.init.required = v['phase'] == 'post'

@@ -35,8 +35,9 @@ class StepConfig:
       group per device). Fixing it makes the step's randomness independent of the mesh, so a run on 8 devices and
       one on 1 device with the same `lpl_groups` compute the same thing; it must be a multiple of the device count.
     lpl_start_step: the LPL term counts from this step on (a traced switch: no recompilation when it turns on).
-    lpl_chunk: rows per chunk of the LPL branch (0 = all K at once); chunks run in a rematerialised `lax.map`, so
-      the decoder's activation memory is that of one chunk.
+    lpl_chunk: rows per chunk of the LPL branch (0 = all K at once); chunks run one after the other in a
+      `lax.map` that computes each chunk's loss and its gradient, so the decoder's activation memory is that of one
+      chunk and no FLOPs are added. At SD scale a few rows per chunk are needed to fit (benchmarks/lpl_overhead.py).
     lpl_normalize: `'batch'`: the LPL rows' sum divided by the global batch size (eq. 3's expectation over all
       samples, with the gate zero elsewhere); `'rows'`: divided by the number of LPL rows (the reference code).
     label_dropout: probability of replacing a label by `null_class` (classifier-free guidance training).
@@ -72,24 +73,54 @@ class StepConfig:
 def _local_lpl(z0_hat: jax.Array, z0: jax.Array, ae_params: Any, *, ae_model: AutoencoderKL, cfg: StepConfig,
                groups: int, axes: tuple[str, ...] | None):
   """LPL of the first K rows of each of this device's `groups` groups: `(sum of per-row losses, per-layer loss
-  sums [L], outlier-fraction sums [L])`, summed over devices when `axes` are given (inside shard_map)."""
+  sums [L], outlier-fraction sums [L])`, summed over devices when `axes` are given (inside shard_map).
+
+  Only the loss sum carries a gradient, to `z0_hat`. It is computed in the forward pass, chunk by chunk (a
+  `lax.map`: the decoder's activations are one chunk's), and kept as the residual: the backward pass only scales it,
+  so neither decoder branch runs again (a `jax.checkpoint` around each chunk would rerun both forwards).
+  """
   k, chunk = cfg.lpl_rows * groups, cfg.lpl_chunk or cfg.lpl_rows * groups
   if k % chunk:
     raise ValueError(f'lpl_chunk={chunk} must divide the {k} LPL rows of each device.')
-  features_fn = lpl_lib.make_features_fn(ae_model, ae_params, cfg.lpl)
-
-  @jax.checkpoint
-  def one_chunk(args):
-    zh, z = args
-    loss, aux = lpl_lib.lpl_loss(features_fn, zh, z, cfg.lpl)
-    return loss, aux['layer_loss'], aux['outlier_fraction']
 
   def chunks(x):
     rows = x.reshape((groups, -1) + x.shape[1:])[:, :cfg.lpl_rows]  # [groups, K, ...]: static slices
     return rows.reshape((k // chunk, chunk) + x.shape[1:])
 
-  loss, layer, frac = jax.lax.map(one_chunk, (chunks(z0_hat), chunks(z0)))
-  out = (jnp.sum(loss), jnp.sum(layer, axis=(0, 1)), jnp.sum(frac, axis=(0, 1)))
+  def unchunk(g, like):  # [k // chunk, chunk, ...] -> like's layout, zero on the rows without LPL
+    g = g.reshape((groups, cfg.lpl_rows) + like.shape[1:])
+    rest = jnp.zeros((groups, like.shape[0] // groups - cfg.lpl_rows) + like.shape[1:], g.dtype)
+    return jnp.concatenate([g, rest], axis=1).reshape(like.shape).astype(like.dtype)
+
+  def forward(z0_hat, z0, ae_params):
+    features_fn = lpl_lib.make_features_fn(ae_model, ae_params, cfg.lpl)
+
+    def chunk_loss(zh, z):
+      loss, aux = lpl_lib.lpl_loss(features_fn, zh, z, cfg.lpl)
+      return jnp.sum(loss), (jnp.sum(aux['layer_loss'], 0), jnp.sum(aux['outlier_fraction'], 0))
+
+    def one_chunk(args):
+      (loss, (layer, frac)), grad = jax.value_and_grad(chunk_loss, has_aux=True)(*args)
+      return loss, layer, frac, grad
+
+    loss, layer, frac, grad = jax.lax.map(one_chunk, (chunks(z0_hat), chunks(z0)))
+    return (jnp.sum(loss), jnp.sum(layer, 0), jnp.sum(frac, 0)), unchunk(grad, z0_hat)
+
+  @jax.custom_vjp
+  def lpl_sums(z0_hat, z0, ae_params):
+    return forward(z0_hat, z0, ae_params)[0]
+
+  def lpl_sums_bwd(res, cts):
+    grad, z0, ae_params = res
+    return (cts[0] * grad, jnp.zeros_like(z0), jax.tree.map(jnp.zeros_like, ae_params))
+
+  def lpl_sums_fwd(z0_hat, z0, ae_params):
+    out, grad = forward(z0_hat, z0, ae_params)
+    return out, (grad, z0, ae_params)
+
+  lpl_sums.defvjp(lpl_sums_fwd, lpl_sums_bwd)
+  loss, layer, frac = lpl_sums(z0_hat, z0, ae_params)
+  out = (loss, jax.lax.stop_gradient(layer), jax.lax.stop_gradient(frac))  # metrics: no gradient
   if axes:
     out = jax.lax.psum(out, axes)
   return out
