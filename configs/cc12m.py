@@ -25,36 +25,9 @@ def get_config(arg=None):
   v = experiment.parse_variant(arg or 'post256', phase='post', res=256, lpl=False, formulation='eps')
   if v['formulation'] != 'eps':
     raise ValueError('the CC12M experiments of the paper use DDPM-eps.')
-  c = experiment.base_config()
-  c.total_steps = {('pretrain', 256): 600_000, ('post', 256): 200_000, ('post', 512): 120_000}[v['phase'], v['res']]
-  c.log_every = 100
-  c.checkpoint_every = 5_000
-  c.sample_every = 10_000
-
+  c = experiment.paper_recipe(v)
   c.data.source = 'cache:'  # set --config.data.source=cache:PATH
-  c.data.resolution = v['res']
-  c.data.global_batch = 256
   c.data.random_flip = False  # latents are cached; flips would need re-encoding
-
-  c.autoencoder.preset = 'sd1'
-  c.autoencoder.remat = True
-
-  c.model.kind = 'mmdit'
   c.model.context_dim = 4096
   c.model.context_len = 77
-  c.model.dtype = 'bfloat16'
-  c.model.remat = True
-
-  experiment.set_formulation(c, 'eps')
-  c.optim.lr = 1e-4
-  c.optim.warmup_steps = 1_000 if v['phase'] == 'pretrain' else 0
-  c.optim.ema_decay = 0.99975 if v['lpl'] else 0.9999
-
-  c.lpl.enabled = v['lpl']
-  c.lpl.weight = 3.0
-  c.lpl.tau = 5.0
-  c.lpl.chunk = 1  # one row at a time through the decoder: bounded memory, same FLOPs (benchmarks/lpl_overhead.py)
-  c.sample.steps = 50
-  c.sample.guidance = 1.5 if v['res'] == 256 else 2.0
-  c.init.required = v['phase'] == 'post'
   return c

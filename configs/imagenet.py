@@ -30,38 +30,8 @@ VARIANTS = tuple(
 
 def get_config(arg=None):
   v = experiment.parse_variant(arg or 'pretrain256', phase='pretrain', res=256, lpl=False, formulation='eps')
-  if v['phase'] == 'pretrain' and (v['res'] != 256 or v['lpl']):
-    raise ValueError(f'{arg!r}: pre-training runs at 256 px without LPL (use post<res>,lpl for LPL).')
-  c = experiment.base_config()
-  c.total_steps = {('pretrain', 256): 600_000, ('post', 256): 200_000, ('post', 512): 120_000}[v['phase'], v['res']]
-  c.log_every = 100
-  c.checkpoint_every = 5_000
-  c.sample_every = 10_000
-
+  c = experiment.paper_recipe(v)
   c.data.source = 'tfds:imagenet2012'
-  c.data.resolution = v['res']
-  c.data.global_batch = 256
   c.data.random_flip = True
-
-  c.autoencoder.preset = 'sd1'  # the architecture; the weights come from autoencoder.weights
-  c.autoencoder.remat = True
-
-  c.model.kind = 'mmdit'
   c.model.num_classes = 1000
-  c.model.dtype = 'bfloat16'
-  c.model.remat = True
-
-  experiment.set_formulation(c, v['formulation'])
-  c.optim.lr = 1e-4
-  c.optim.warmup_steps = 1_000 if v['phase'] == 'pretrain' else 0
-  c.optim.grad_clip = 1.0
-  c.optim.ema_decay = 0.99975 if v['lpl'] else 0.9999
-
-  c.lpl.enabled = v['lpl']
-  c.lpl.weight = 3.0
-  c.lpl.tau = 5.0
-  c.lpl.chunk = 1  # one row at a time through the decoder: bounded memory, same FLOPs (benchmarks/lpl_overhead.py)
-  c.sample.steps = 50
-  c.sample.guidance = 1.5 if v['res'] == 256 else 2.0
-  c.init.required = v['phase'] == 'post'
   return c

@@ -127,6 +127,45 @@ def set_formulation(c: ml_collections.ConfigDict, name: str) -> None:
     c.sample.sampler = 'euler'
 
 
+PAPER_STEPS = {('pretrain', 256): 600_000, ('post', 256): 200_000, ('post', 512): 120_000}
+
+
+def paper_recipe(v: dict[str, Any]) -> ml_collections.ConfigDict:
+  """What every paper config shares (`configs/imagenet.py`, `configs/cc12m.py`), for a parsed variant `v`
+  (`parse_variant`); the config files add their data and conditioning. Their docstrings say which values the paper
+  states and which were chosen here."""
+  if (v['phase'], v['res']) not in PAPER_STEPS:
+    raise ValueError(f"no paper run for phase {v['phase']!r} at {v['res']} px: pre-training is at 256 px, "
+                     'post-training at 256 or 512 px.')
+  if v['phase'] == 'pretrain' and v['lpl']:
+    raise ValueError('pre-training runs without LPL (use post<res>,lpl).')
+  c = base_config()
+  c.total_steps = PAPER_STEPS[v['phase'], v['res']]
+  c.log_every = 100
+  c.checkpoint_every = 5_000
+  c.sample_every = 10_000
+  c.data.resolution = v['res']
+  c.data.global_batch = 256
+  c.autoencoder.preset = 'sd1'  # the architecture; the weights come from autoencoder.weights
+  c.autoencoder.remat = True
+  c.model.kind = 'mmdit'
+  c.model.dtype = 'bfloat16'
+  c.model.remat = True
+  set_formulation(c, v['formulation'])
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 1_000 if v['phase'] == 'pretrain' else 0
+  c.optim.grad_clip = 1.0
+  c.optim.ema_decay = 0.99975 if v['lpl'] else 0.9999
+  c.lpl.enabled = v['lpl']
+  c.lpl.weight = 3.0
+  c.lpl.tau = 5.0
+  c.lpl.chunk = 1  # one row at a time through the decoder: bounded memory, same FLOPs (benchmarks/lpl_overhead.py)
+  c.sample.steps = 50
+  c.sample.guidance = 1.5 if v['res'] == 256 else 2.0
+  c.init.required = v['phase'] == 'post'
+  return c
+
+
 DEMO_VARIANTS = ('pretrain', 'post', 'post,lpl', 'pretrain,flow', 'post,lpl,flow', 'pretrain,v', 'post,lpl,v')
 
 
