@@ -12,7 +12,7 @@ demo: $(VENV)/.installed
 # Tests marked `slow` (train-step compilations, multi-device and multi-process runs, float64 finite differences) are
 # left to CI (.ci/run), which runs them after this target.
 test: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check lpl_jax tests benchmarks
+	$(VENV)/bin/ruff check lpl_jax tests benchmarks configs
 	$(PY) -m pytest -q -m "not slow" tests
 
 $(VENV)/bin/python:
