@@ -45,8 +45,8 @@ class DemoSettings:
   ae_steps: int = 600
   ae_widths: tuple[int, ...] = (32, 64, 128)  # f4: 8x8x4 latents at 32 px
   cache_samples: int = 4096
-  pretrain_steps: int = 1500
-  post_steps: int = 400
+  pretrain_steps: int = 4000
+  post_steps: int = 600
   num_samples: int = 512
   extractor_steps: int = 300
   seed: int = 0
