@@ -29,7 +29,7 @@ import numpy as np
 from lpl_jax import data as data_lib
 from lpl_jax import encode as encode_lib
 from lpl_jax import eval as eval_lib
-from lpl_jax import experiment, report, sample, trainer
+from lpl_jax import experiment, report, sampling, trainer
 from lpl_jax import lpl as lpl_lib
 from lpl_jax.aetrain import run as aetrain
 from lpl_jax.autoencoder import from_diffusers
@@ -118,7 +118,7 @@ def run_demo(workdir: str, s: DemoSettings = DemoSettings()) -> str:
   samples = {}
   for name, variant in branches.items():
     c = config(variant, s.post_steps)
-    samples[name], _, _ = sample.generate(c, workdirs[name], num=s.num_samples, batch_size=64, seed=s.seed + 1)
+    samples[name], _, _ = sampling.generate(c, workdirs[name], num=s.num_samples, batch_size=64, seed=s.seed + 1)
   real = real_images(s.num_samples, s.seed + 2)
   times['sampling'] = _done(t0)
 

@@ -179,3 +179,15 @@ def test_sample_cli_writes_adm_layout(env, pretrained, tmp_path):
   missing = subprocess.run(cmd[:3] + [f'--workdir={tmp_path / "nothing"}'], cwd=common.ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
   assert missing.returncode != 0 and 'config.json does not exist' in missing.stderr
+
+
+def test_library_modules_define_no_command_line_flags(env):
+  """Only the entry points (main, sample, train_autoencoder) define absl flags, each in its own process; a library
+  module that did would clash with them (`DuplicateFlagError` for --workdir) when imported together."""
+  code = ('import lpl_jax.demo, lpl_jax.trainer, lpl_jax.sampling, lpl_jax.experiment, lpl_jax.encode, '
+          'lpl_jax.evaluate, lpl_jax.report\nfrom absl import flags\n'
+          'print(sorted(n for n in ("workdir", "config", "num", "steps", "seed") if n in flags.FLAGS))')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=common.ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == '[]'
