@@ -6,7 +6,7 @@ setuptools.setup(
     name='lpl_jax',
     version='0.1.0',
     description='Latent perceptual loss (Berrada et al., ICLR 2025) and a TPU-first latent diffusion trainer in JAX.',
-    packages=setuptools.find_packages(include=['lpl_jax', 'lpl_jax.*']),
+    packages=setuptools.find_packages(include=['lpl_jax', 'lpl_jax.*', 'configs']),  # configs: the experiment files
     python_requires='>=3.11',
     install_requires=[
         'jax>=0.10.2,<0.11',

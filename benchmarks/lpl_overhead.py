@@ -97,21 +97,13 @@ def step_config(resolution: int, batch: int, *, lpl_on: bool, chunk: int, tau: f
     lcfg = lpl.LPLConfig.from_preset('paper', **({} if tau is None else {'tau': tau}))
     k = sampler.split(form, lpl.noise_level_threshold(lcfg, resolution), batch)
   return train.StepConfig(form, sampler, train.OptimConfig(ema_decay=0.99975 if lpl_on else 0.9999), lpl=lcfg,
-                          lpl_rows=k, lpl_chunk=chunk, null_class=num_classes)
+                          lpl_rows_per_group=k, lpl_chunk=chunk, null_class=num_classes)
 
 
 def abstract_inputs(model: nn.Module, optimizer, mesh, *, side: int, batch: int, ae_model: ae.AutoencoderKL | None):
   """`(state, state_shardings, batch, ae_params)` as sharded `ShapeDtypeStruct`s, via `jax.eval_shape` only."""
-  def make(key):
-    param_key, rng = jax.random.split(key)
-    x, t, y = jnp.zeros((1, side, side, 4)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
-    return train.create_state(model.init(param_key, x, t, y)['params'], optimizer, rng)
-
-  boxed = jax.eval_shape(make, jax.random.key(0))
-  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, train.param_rules(True))
-  plain = jax.tree.map(lambda b: b.value if isinstance(b, nn.LogicallyPartitioned) else b, boxed,
-                       is_leaf=lambda b: isinstance(b, nn.LogicallyPartitioned))
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), plain, shardings)
+  x, t, y = jnp.zeros((1, side, side, 4)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
+  state, shardings = train.abstract_state(lambda k: model.init(k, x, t, y)['params'], optimizer, mesh, fsdp=True)
   rows = train.batch_sharding(mesh)
   data = {'latents': jax.ShapeDtypeStruct((batch * mesh.size, side, side, 4), jnp.float32, sharding=rows),
           'labels': jax.ShapeDtypeStruct((batch * mesh.size,), jnp.int32, sharding=rows)}
@@ -169,7 +161,7 @@ def compile_step(resolution: int, args, mesh, *, lpl_on: bool, chunk: int = 0, d
         flush=True)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   return dict(compiled=compiled, compile_s=seconds, flops=flops_of(compiled), mem=memory_of(compiled),
-              loops=while_loops(compiled), k=cfg.lpl_rows, params=n_params, cfg=cfg)
+              loops=while_loops(compiled), k=cfg.lpl_rows_per_group, params=n_params, cfg=cfg)
 
 
 def compile_lpl_piece(resolution: int, args, k: int, *, grad: bool) -> dict[str, Any]:
@@ -316,7 +308,8 @@ def cpu_timing(args) -> float:
     state, metrics = compiled(state, data, ae_params if lpl_on else {})
     jax.block_until_ready(metrics)
     flops[name] = flops_of(compiled)
-    print(f'  {name}: K = {cfg.lpl_rows} of {batch} rows, compile + first step {time.perf_counter() - start:.1f} s, '
+    print(f'  {name}: K = {cfg.lpl_rows_per_group} of {batch} rows, compile + first step '
+          f'{time.perf_counter() - start:.1f} s, '
           f'{fmt(flops[name], 1e9, ".1f")} GFLOP/step')
     steps[name], states[name] = compiled, state
   times = {name: [] for name in steps}

@@ -16,16 +16,16 @@ cache), no pooled embedding; `pretrain256` pre-trains the same text model on CC1
 compatible checkpoint.
 """
 
-from lpl_jax import experiment
+from configs import common
 
 VARIANTS = ('pretrain256', 'post256', 'post256,lpl', 'post512', 'post512,lpl')
 
 
 def get_config(arg=None):
-  v = experiment.parse_variant(arg or 'post256', phase='post', res=256, lpl=False, formulation='eps')
+  v = common.parse_variant(arg, phase='post', res=256)
   if v['formulation'] != 'eps':
     raise ValueError('the CC12M experiments of the paper use DDPM-eps.')
-  c = experiment.paper_recipe(v)
+  c = common.paper(v)  # the recipe every paper config shares (configs/common.py)
   c.data.source = 'cache:'  # set --config.data.source=cache:PATH
   c.data.random_flip = False  # latents are cached; flips would need re-encoding
   c.model.context_dim = 4096

@@ -1,19 +1,54 @@
-"""The paper's recipe in miniature on the embedded photographs (scikit-image's), for a 2-core CPU.
+"""The paper's recipe in miniature on the embedded photographs (scikit-image's) at 32 px, for a 2-core CPU.
 
   python -m lpl_jax.main --config=configs/demo_cpu.py:pretrain --workdir=runs/demo/pretrain
   python -m lpl_jax.main --config=configs/demo_cpu.py:post,lpl --workdir=runs/demo/post_lpl \\
       --config.init.checkpoint=runs/demo/pretrain --config.autoencoder.weights=runs/demo/autoencoder/...
 
-Variants (comma-separated): `pretrain` or `post` (phase), `lpl` (post-training with the perceptual loss), `eps`,
-`v` or `flow` (formulation, default eps). The autoencoder is the `tiny` preset: random weights unless
-`autoencoder.weights` names a trained one (`make demo` trains one first and passes it). The settings live in
-`lpl_jax.experiment.demo_config`, which `make demo` uses too.
+Variants (configs/common.py's grammar): `pretrain` or `post` (phase), `lpl` (post-training with the perceptual
+loss), `eps`, `v` or `flow` (formulation, default eps). The autoencoder is the `tiny` preset: random weights unless
+`autoencoder.weights` names a trained one (`make demo` trains one first and passes it; it also sets the step counts
+and the data, see lpl_jax/workflows/miniature.py).
 """
 
-from lpl_jax import experiment
+from configs import common
 
-VARIANTS = experiment.DEMO_VARIANTS
+VARIANTS = ('pretrain', 'post', 'post,lpl', 'pretrain,flow', 'post,lpl,flow', 'pretrain,v', 'post,lpl,v')
 
 
 def get_config(arg=None):
-  return experiment.demo_config(arg)
+  v = common.parse_variant(arg, phase='pretrain', res=32)
+  pretrain = v['phase'] == 'pretrain'
+  c = common.base()
+  c.total_steps = 1500 if pretrain else 300
+  c.log_every = 10
+  c.checkpoint_every = 250
+  c.num_sample_images = 16
+
+  c.data.source = 'embedded'
+  c.data.resolution = v['res']
+  c.data.global_batch = 16
+  c.data.num_samples = 4096
+  c.data.random_crop = True
+
+  c.autoencoder.preset = 'tiny'  # random weights unless autoencoder.weights names a trained one (make demo does)
+  c.autoencoder.allow_random_weights = True
+
+  c.model.kind = 'dit'
+  c.model.hidden_size = 128
+  c.model.depth = 4
+  c.model.num_heads = 4
+  c.model.num_classes = 16  # at least the number of embedded photographs (their index is the class)
+  c.model.dtype = 'float32'
+  c.model.remat = False
+
+  common.set_formulation(c, v['formulation'])
+  c.optim.lr = 5e-4 if pretrain else 2e-4
+  c.optim.warmup_steps = 50 if pretrain else 0
+  c.optim.ema_decay = 0.995 if v['lpl'] else 0.998  # the paper's ratio of EMA half-lives (0.99975 vs 0.9999)
+  c.optim.ema_warmup = True
+
+  c.lpl.enabled = v['lpl']
+  c.lpl.remat = False
+  c.sample.steps = 25
+  c.sample.guidance = 1.5
+  return c

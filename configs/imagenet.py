@@ -21,7 +21,7 @@ no weight decay, 1k warmup steps in pre-training, gradient clipping at 1.0, labe
 ImageNet crop (centred square, horizontal flips).
 """
 
-from lpl_jax import experiment
+from configs import common
 
 VARIANTS = tuple(
     [f'pretrain256{f}' for f in ('', ',v', ',flow')]
@@ -29,8 +29,8 @@ VARIANTS = tuple(
 
 
 def get_config(arg=None):
-  v = experiment.parse_variant(arg or 'pretrain256', phase='pretrain', res=256, lpl=False, formulation='eps')
-  c = experiment.paper_recipe(v)
+  v = common.parse_variant(arg, phase='pretrain', res=256)
+  c = common.paper(v)  # the recipe every paper config shares (configs/common.py)
   c.data.source = 'tfds:imagenet2012'
   c.data.random_flip = True
   c.model.num_classes = 1000

@@ -11,15 +11,15 @@ devices.
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 import numpy as np
 from absl import app, flags
 
-from lpl_jax import experiment as exp
-from lpl_jax import trainer
-from lpl_jax.sampling import generate, load_run_config
+from lpl_jax.cli import USER_ERRORS, parse_flags_or_exit, run_or_exit, setup_logging
+from lpl_jax.eval.report import save_grid
+from lpl_jax.train import build
+from lpl_jax.train.config import load_run, validate
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run (holds config.json and checkpoints/).', required=True)
 _STEP = flags.DEFINE_integer('step', -1, 'Checkpoint step; -1 = the latest.')
@@ -33,30 +33,33 @@ _ETA = flags.DEFINE_float('eta', None, 'DDIM eta (default: the config).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _LABELS = flags.DEFINE_enum('labels', 'cycle', ['cycle', 'random'], 'Class labels: 0, 1, 2, ... or uniform.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder (default <workdir>/samples_<step>).')
+_PROGRESS = flags.DEFINE_bool('progress', True, 'Show a progress bar.')
 
 
-def main(argv):
-  del argv
-  c = load_run_config(_WORKDIR.value)
-  for field, flag in (('sampler', _SAMPLER), ('steps', _STEPS), ('guidance', _CFG), ('eta', _ETA)):
-    if flag.value is not None:
-      c.sample[field] = flag.value
-  try:
-    exp.validate(c, check_files=False)
-  except exp.ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  images, ys, step = generate(c, _WORKDIR.value, num=_NUM.value, batch_size=_BATCH.value, seed=_SEED.value,
-                              labels=_LABELS.value, step=_STEP.value, ema=_EMA.value)
+def sample() -> None:
+  exp = load_run(_WORKDIR.value)
+  overrides = {'sampler': _SAMPLER.value, 'steps': _STEPS.value, 'guidance': _CFG.value, 'eta': _ETA.value}
+  exp = exp.replace(sample={k: v for k, v in overrides.items() if v is not None})
+  validate(exp, check_files=False)
+  images, ys, step = build.samples_from_run(exp, _WORKDIR.value, num=_NUM.value, batch_size=_BATCH.value,
+                                            seed=_SEED.value, labels=_LABELS.value, step=_STEP.value, ema=_EMA.value,
+                                            progress=_PROGRESS.value and jax.process_index() == 0)
   out = _OUT.value or os.path.join(_WORKDIR.value, f'samples_{step}')
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
     arrays = {'arr_0': images} if ys is None else {'arr_0': images, 'arr_1': ys}
     np.savez(os.path.join(out, 'samples.npz'), **arrays)
-    trainer.save_grid(images[:64], os.path.join(out, 'grid.png'))
+    save_grid(images[:64], os.path.join(out, 'grid.png'))
     print(f'{len(images)} samples of step {step} ({"EMA" if _EMA.value else "raw"} params) -> {out}/samples.npz, '
           f'{out}/grid.png')
 
 
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  setup_logging()
+  run_or_exit(sample, USER_ERRORS + (ValueError,))
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags_or_exit)

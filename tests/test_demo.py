@@ -1,18 +1,29 @@
 """`make demo` end to end at the smallest settings: every stage runs, the report carries both branches' measured
-metrics and its figures, and a second run reuses what the first one finished."""
+metrics and its figures, and a second run reuses what the first one finished; the command line runs it."""
 
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from lpl_jax import demo
+from configs import demo_cpu
+from lpl_jax.train.config import Experiment
+from lpl_jax.workflows import miniature
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(workdir):
+  experiments = {v: Experiment.from_config_dict(demo_cpu.get_config(v)) for v in miniature.VARIANTS}
+  return miniature.run(str(workdir), experiments, miniature.DemoSettings.quick())
 
 
 @pytest.mark.slow
 def test_demo_quick_writes_the_report(tmp_path, capsys):
-  path = demo.main(['--workdir', str(tmp_path), '--quick'])
+  path = _run(tmp_path)
   assert path == str(tmp_path / 'report.md')
   text = open(path).read()
   for figure in ('samples.png', 'loss_curves.png', 'spectrum_lpl_vs_baseline.png', 'spectrum_lpl_vs_real.png',
@@ -33,5 +44,15 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
   trained = [tmp_path / 'latents' / 'index.json'] + [
       p for p in tmp_path.glob('**/*') if p.is_file() and ('checkpoints' in p.parts or 'export' in p.parts)]
   before = {p: p.stat().st_mtime_ns for p in trained}
-  demo.main(['--workdir', str(tmp_path), '--quick'])
+  _run(tmp_path)
   assert {p: p.stat().st_mtime_ns for p in trained} == before
+
+
+@pytest.mark.slow
+def test_demo_command_line(tmp_path):
+  """`python -m lpl_jax.demo --quick` runs every stage and prints the report's path (`make demo` runs it)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, '-m', 'lpl_jax.demo', f'--workdir={tmp_path}', '--quick'], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'report: {tmp_path / "report.md"}' in proc.stdout and os.path.isfile(tmp_path / 'report.md')

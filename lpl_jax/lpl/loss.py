@@ -12,7 +12,7 @@ loss = reduce_l(omega_l * d_l)                                          [B]
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import chex
@@ -86,6 +86,26 @@ def layer_down_factors(shapes: list[tuple[int, ...]], image_size: int) -> list[f
   return [image_size / s[1] for s in shapes]
 
 
+def layer_masks(features: Sequence[jax.Array], cfg: LPLConfig, image_size: int) -> list[jax.Array | None]:
+  """Algorithm 1's keep-masks of the used taps: `features[j]` is tap `cfg.used_layers[j]`, `[B, H, W, C]`, of the
+  tensor the masks come from (`cfg.mask_source`); the mask is `[B, H, W, C]` bool (True = keep), or None for a tap
+  that gets none. The kernels are scaled by each tap's down factor and, above the base resolution, by the image
+  size (`kernel_scale`). `lpl_loss` masks with this, so do figures of the masks."""
+  if len(features) != len(cfg.used_layers):
+    raise ValueError(f'{len(features)} feature maps for the {len(cfg.used_layers)} used taps {cfg.used_layers}.')
+  scale = kernel_scale(cfg, image_size)
+  opening, closing = scaled_kernel(cfg.opening, scale), scaled_kernel(cfg.closing, scale)
+  downs = layer_down_factors([tuple(f.shape) for f in features], image_size)
+  masks = []
+  for i, f, down in zip(cfg.used_layers, features, downs, strict=True):
+    if cfg.outlier_removal and i in cfg.outlier_layers:
+      masks.append(outlier_mask(_at_least_f32(f), quant=cfg.quant, down_factor=down, opening=opening, closing=closing,
+                                margin_std=cfg.margin_std, approx=cfg.approx_top_k, recall_target=cfg.approx_recall))
+    else:
+      masks.append(None)
+  return masks
+
+
 def lpl_loss(features_fn: Callable[[jax.Array, int], list[jax.Array]], z0_hat: jax.Array, z0: jax.Array,
              cfg: LPLConfig, *, sample_weights: jax.Array | None = None,
              downsample_factor: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -126,22 +146,17 @@ def lpl_loss(features_fn: Callable[[jax.Array, int], list[jax.Array]], z0_hat: j
   target_feats = jax.lax.stop_gradient(features_fn(z0, depth))
   pred_feats = features_fn(z0_hat, depth)
   layers = cfg.used_layers
-  shapes = [tuple(target_feats[i].shape) for i in layers]
+  preds = [_at_least_f32(pred_feats[i]) for i in layers]
+  targets = [_at_least_f32(target_feats[i]) for i in layers]
   if cfg.layer_weights is not None:
     weights = cfg.layer_weights
   else:
-    weights = terms.depth_weights(cfg.depth_weights, layers, [s[1] for s in shapes])
-  scale = kernel_scale(cfg, image_size)
-  opening, closing = scaled_kernel(cfg.opening, scale), scaled_kernel(cfg.closing, scale)
+    weights = terms.depth_weights(cfg.depth_weights, layers, [t.shape[1] for t in targets])
+  masks = layer_masks(preds if cfg.mask_source == 'pred' else targets, cfg, image_size)
 
   layer_losses, fractions = [], []
-  for i, down in zip(layers, layer_down_factors(shapes, image_size)):
-    pred, target = _at_least_f32(pred_feats[i]), _at_least_f32(target_feats[i])
-    mask = None
-    if cfg.outlier_removal and i in cfg.outlier_layers:
-      source = pred if cfg.mask_source == 'pred' else target
-      mask = outlier_mask(source, quant=cfg.quant, down_factor=down, opening=opening, closing=closing,
-                          margin_std=cfg.margin_std, approx=cfg.approx_top_k, recall_target=cfg.approx_recall)
+  for pred, target, mask in zip(preds, targets, masks, strict=True):
+    if mask is not None:
       target = jnp.where(mask, target, 0.0)  # Algorithm 1 returns the masked features
     pred, target = terms.normalize(cfg.normalization, pred, target, mask)
     layer_losses.append(terms.masked_distance(pred, target, mask, distance=cfg.distance))

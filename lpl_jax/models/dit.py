@@ -129,23 +129,23 @@ class DiT(nn.Module):
 SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
 
 
-def dit(size: str, patch_size: int, **kwargs) -> DiT:
-  """`DiT-{size}/{patch_size}`, e.g. `dit('XL', 2, dtype=jnp.bfloat16)`."""
+def dit_by_size(size: str, patch_size: int, **kwargs) -> DiT:
+  """`DiT-{size}/{patch_size}`, e.g. `dit_by_size('XL', 2, dtype=jnp.bfloat16)`."""
   if size not in SIZES:
     raise ValueError(f'unknown DiT size {size!r}; expected one of {sorted(SIZES)}.')
   depth, hidden, heads = SIZES[size]
   return DiT(patch_size=patch_size, hidden_size=hidden, depth=depth, num_heads=heads, **kwargs)
 
 
-DiT_S_2 = functools.partial(dit, 'S', 2)
-DiT_S_4 = functools.partial(dit, 'S', 4)
-DiT_S_8 = functools.partial(dit, 'S', 8)
-DiT_B_2 = functools.partial(dit, 'B', 2)
-DiT_B_4 = functools.partial(dit, 'B', 4)
-DiT_B_8 = functools.partial(dit, 'B', 8)
-DiT_L_2 = functools.partial(dit, 'L', 2)
-DiT_L_4 = functools.partial(dit, 'L', 4)
-DiT_L_8 = functools.partial(dit, 'L', 8)
-DiT_XL_2 = functools.partial(dit, 'XL', 2)
-DiT_XL_4 = functools.partial(dit, 'XL', 4)
-DiT_XL_8 = functools.partial(dit, 'XL', 8)
+DiT_S_2 = functools.partial(dit_by_size, 'S', 2)
+DiT_S_4 = functools.partial(dit_by_size, 'S', 4)
+DiT_S_8 = functools.partial(dit_by_size, 'S', 8)
+DiT_B_2 = functools.partial(dit_by_size, 'B', 2)
+DiT_B_4 = functools.partial(dit_by_size, 'B', 4)
+DiT_B_8 = functools.partial(dit_by_size, 'B', 8)
+DiT_L_2 = functools.partial(dit_by_size, 'L', 2)
+DiT_L_4 = functools.partial(dit_by_size, 'L', 4)
+DiT_L_8 = functools.partial(dit_by_size, 'L', 8)
+DiT_XL_2 = functools.partial(dit_by_size, 'XL', 2)
+DiT_XL_4 = functools.partial(dit_by_size, 'XL', 4)
+DiT_XL_8 = functools.partial(dit_by_size, 'XL', 8)

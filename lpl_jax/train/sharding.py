@@ -25,14 +25,21 @@ from lpl_jax.train import step as step_lib
 from lpl_jax.train.state import TrainState, create_state
 
 
+def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
+  """`(data, fsdp)` covering `num_devices`; `data=-1` takes what `fsdp` leaves."""
+  if fsdp < 1 or (data == -1 and num_devices % fsdp):
+    raise ValueError(f'mesh fsdp={fsdp} does not divide the {num_devices} devices.')
+  if data == -1:
+    data = num_devices // fsdp
+  if data * fsdp != num_devices:
+    raise ValueError(f'mesh data={data} x fsdp={fsdp} does not cover the {num_devices} devices.')
+  return data, fsdp
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
   """`Mesh(('data', 'fsdp'))` over all (or the given) devices; `data=-1` takes what `fsdp` leaves."""
   devices = jax.devices() if devices is None else devices
-  if data == -1:
-    data = len(devices) // fsdp
-  if data * fsdp != len(devices):
-    raise ValueError(f'mesh data={data} x fsdp={fsdp} does not cover the {len(devices)} devices.')
-  return Mesh(np.asarray(devices).reshape(data, fsdp), step_lib.BATCH_AXES)
+  return Mesh(np.asarray(devices).reshape(mesh_shape(data, fsdp, len(devices))), step_lib.BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -59,23 +66,41 @@ def param_rules(fsdp: bool) -> tuple:
   return axes.fsdp_rules() if fsdp else ()
 
 
-def init_state(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation, key: jax.Array,
-               mesh: Mesh, *, fsdp: bool) -> tuple[TrainState, Any]:
-  """Creates the state in its sharded layout.
+def _state_fn(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
+              key: jax.Array) -> tuple[Callable[[jax.Array], TrainState], jax.Array]:
+  """`(param_key -> boxed state, param_key)`: the state `init_state` creates from `key`."""
+  param_key, rng = jax.random.split(key)
+  return (lambda k: create_state(init_params(k), optimizer, rng)), param_key
+
+
+def abstract_state(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                   fsdp: bool, key: jax.Array | None = None) -> tuple[TrainState, Any]:
+  """The state's shapes, dtypes and shardings, with nothing allocated (`jax.eval_shape`).
 
   Args:
     init_params: `key -> params` as `model.init(...)['params']` returns them (boxed with logical axis names).
+    fsdp: shard the params (and with them the optimizer state and EMA) over the mesh's `fsdp` axis.
+
+  Returns:
+    `(state of jax.ShapeDtypeStruct with their shardings, state_shardings)`: the target of a checkpoint restore, the
+    input of a lowering, and the `out_shardings` that `init_state` creates the state with.
+  """
+  make, param_key = _state_fn(init_params, optimizer, jax.random.key(0) if key is None else key)
+  boxed = jax.eval_shape(make, param_key)
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, param_rules(fsdp))
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)
+  return state, shardings
+
+
+def init_state(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation, key: jax.Array,
+               mesh: Mesh, *, fsdp: bool) -> tuple[TrainState, Any]:
+  """Creates the state directly in its sharded layout (see `abstract_state`).
 
   Returns:
     `(state, state_shardings)`; the state holds plain arrays.
   """
-  param_key, rng = jax.random.split(key)
-
-  def make(k):
-    return create_state(init_params(k), optimizer, rng)
-
-  boxed = jax.eval_shape(make, param_key)
-  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, param_rules(fsdp))
+  _, shardings = abstract_state(init_params, optimizer, mesh, fsdp=fsdp, key=key)
+  make, param_key = _state_fn(init_params, optimizer, key)
   state = jax.jit(lambda k: nn.unbox(make(k)), out_shardings=shardings)(param_key)
   return state, shardings
 

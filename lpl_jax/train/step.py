@@ -1,12 +1,14 @@
 """One training step: stratified timesteps, noise, denoiser, diffusion loss, LPL on the K rows below the noise
-threshold, update, EMA. A pure function `(state, batch, ae_params) -> (state, metrics)` (DESIGN.md, "One training
-step"); static things are bound with `functools.partial` by `sharding.jit_train_step`.
+threshold, update, EMA. A pure function `(state, batch, ae_params) -> (state, metrics)` (docs/train.md); static
+things are bound with `functools.partial` by `sharding.jit_train_step`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +31,8 @@ class StepConfig:
   Attributes:
     formulation, sampler: the diffusion formulation and the timestep distribution.
     lpl: the loss config, or None for a step without LPL (nothing of the autoencoder is traced then).
-    lpl_rows: K, rows per stratification group drawn below the noise threshold (`TimestepSampler.split` of the
-      group size).
+    lpl_rows_per_group: K, rows per stratification group drawn below the noise threshold (`TimestepSampler.split`
+      of the group size); the step's LPL rows are `lpl_rows_per_group * lpl_groups`.
     lpl_groups: the global batch is cut into this many equal groups, each starting with its K LPL rows (0 = one
       group per device). Fixing it makes the step's randomness independent of the mesh, so a run on 8 devices and
       one on 1 device with the same `lpl_groups` compute the same thing; it must be a multiple of the device count.
@@ -52,7 +54,7 @@ class StepConfig:
   sampler: TimestepSampler
   optim: OptimConfig
   lpl: lpl_lib.LPLConfig | None = None
-  lpl_rows: int = 0
+  lpl_rows_per_group: int = 0
   lpl_groups: int = 0
   lpl_start_step: int = 0
   lpl_chunk: int = 0
@@ -64,8 +66,8 @@ class StepConfig:
   def __post_init__(self):
     if self.lpl_normalize not in ('batch', 'rows'):
       raise ValueError(f"StepConfig.lpl_normalize={self.lpl_normalize!r}; expected 'batch' or 'rows'.")
-    if self.lpl_rows < 0 or self.lpl_chunk < 0:
-      raise ValueError('lpl_rows and lpl_chunk must be >= 0.')
+    if self.lpl_rows_per_group < 0 or self.lpl_chunk < 0:
+      raise ValueError('lpl_rows_per_group and lpl_chunk must be >= 0.')
     if self.accum_steps < 1:
       raise ValueError(f'StepConfig.accum_steps={self.accum_steps}; expected >= 1.')
 
@@ -79,17 +81,17 @@ def _local_lpl(z0_hat: jax.Array, z0: jax.Array, ae_params: Any, *, ae_model: Au
   `lax.map`: the decoder's activations are one chunk's), and kept as the residual: the backward pass only scales it,
   so neither decoder branch runs again (a `jax.checkpoint` around each chunk would rerun both forwards).
   """
-  k, chunk = cfg.lpl_rows * groups, cfg.lpl_chunk or cfg.lpl_rows * groups
+  k, chunk = cfg.lpl_rows_per_group * groups, cfg.lpl_chunk or cfg.lpl_rows_per_group * groups
   if k % chunk:
     raise ValueError(f'lpl_chunk={chunk} must divide the {k} LPL rows of each device.')
 
   def chunks(x):
-    rows = x.reshape((groups, -1) + x.shape[1:])[:, :cfg.lpl_rows]  # [groups, K, ...]: static slices
+    rows = x.reshape((groups, -1) + x.shape[1:])[:, :cfg.lpl_rows_per_group]  # [groups, K, ...]: static slices
     return rows.reshape((k // chunk, chunk) + x.shape[1:])
 
   def unchunk(g, like):  # [k // chunk, chunk, ...] -> like's layout, zero on the rows without LPL
-    g = g.reshape((groups, cfg.lpl_rows) + like.shape[1:])
-    rest = jnp.zeros((groups, like.shape[0] // groups - cfg.lpl_rows) + like.shape[1:], g.dtype)
+    g = g.reshape((groups, cfg.lpl_rows_per_group) + like.shape[1:])
+    rest = jnp.zeros((groups, like.shape[0] // groups - cfg.lpl_rows_per_group) + like.shape[1:], g.dtype)
     return jnp.concatenate([g, rest], axis=1).reshape(like.shape).astype(like.dtype)
 
   def forward(z0_hat, z0, ae_params):
@@ -141,7 +143,8 @@ def lpl_term(z0_hat: jax.Array, z0: jax.Array, ae_params: Any, *, ae_model: Auto
 def stratified_timesteps(key: jax.Array, cfg: StepConfig, batch: int, groups: int) -> jax.Array:
   """`[batch]` timesteps whose every block of `batch // groups` rows starts with its K LPL rows."""
   keys = jax.random.split(key, groups)
-  return jax.vmap(lambda k: cfg.sampler.sample_stratified(k, batch // groups, cfg.lpl_rows))(keys).reshape(batch)
+  draw = jax.vmap(lambda k: cfg.sampler.sample_stratified(k, batch // groups, cfg.lpl_rows_per_group))
+  return draw(keys).reshape(batch)
 
 
 def _microbatches(x: jax.Array, shards: int, accum: int, mesh: Mesh | None) -> jax.Array:
@@ -155,6 +158,101 @@ def _microbatches(x: jax.Array, shards: int, accum: int, mesh: Mesh | None) -> j
   return x
 
 
+class Noised(NamedTuple):
+  """A batch with everything random about the step drawn: the rows a loss function sees."""
+
+  z0: jax.Array  # [B, h, w, c] clean latents
+  eps: jax.Array  # [B, h, w, c] the noise
+  z_t: jax.Array  # [B, h, w, c] the noised latents
+  t: jax.Array  # [B] timesteps, each group's first K rows below the LPL threshold
+  cond: dict[str, jax.Array]  # {'y': labels [B]} or {'context': [B, L, D], 'pooled'?: [B, P]}, after label dropout
+
+
+def lpl_groups_of(cfg: StepConfig, batch: int, shards: int) -> int:
+  """The step's stratification groups; checks that batch, devices, accumulation steps and groups fit together."""
+  groups = cfg.lpl_groups or shards * cfg.accum_steps
+  split = shards * cfg.accum_steps
+  if batch % split or batch % groups or groups % split:
+    raise ValueError(f'global batch {batch}, {shards} devices, {cfg.accum_steps} accumulation steps and {groups} LPL '
+                     'groups: the batch must split over devices x accumulation steps and over the groups, and the '
+                     'groups over devices x accumulation steps.')
+  return groups
+
+
+def noise_batch(keys: tuple[jax.Array, jax.Array, jax.Array], batch: dict[str, jax.Array], cfg: StepConfig,
+                groups: int) -> Noised:
+  """Draws the timesteps (stratified when LPL is on), the noise and the label dropout for the whole batch from
+  `keys = (t_key, noise_key, drop_key)`, so that gradient accumulation sees the same draws as one pass."""
+  z0 = batch['latents']
+  b = z0.shape[0]
+  t_key, noise_key, drop_key = keys
+  if cfg.lpl is not None and cfg.lpl_rows_per_group > 0:
+    t = stratified_timesteps(t_key, cfg, b, groups)
+  else:
+    t = cfg.sampler.sample(t_key, b)
+  eps = jax.random.normal(noise_key, z0.shape, z0.dtype)
+  drop = jax.random.bernoulli(drop_key, cfg.label_dropout, (b,))
+  if 'labels' in batch:
+    cond = {'y': jnp.where(drop, cfg.null_class, batch['labels'])}
+  else:  # text: a dropped row gets zero embeddings
+    cond = {k: jnp.where(drop.reshape((b,) + (1,) * (v.ndim - 1)), jnp.zeros_like(v), v)
+            for k, v in batch.items() if k in ('context', 'pooled')}
+  return Noised(z0, eps, cfg.formulation.add_noise(z0, eps, t), t, cond)
+
+
+def loss_fn(params: Any, rows: Noised, ae_params: Any, active: jax.Array, *, model: Any, cfg: StepConfig,
+            ae_model: AutoencoderKL | None, mesh: Mesh | None, groups: int, batch_size: int,
+            accum: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`rows`' share of the step's loss (the sum over the micro-batches is the batch's loss) and its metrics.
+
+  `groups` are this micro-batch's stratification groups, `batch_size` the whole step's rows; `active` (traced)
+  switches the LPL term on without recompiling.
+  """
+  form = cfg.formulation
+  cond = dict(rows.cond)
+  pred = model.apply({'params': params}, rows.z_t, form.model_time(rows.t), cond.pop('y', None), **cond)
+  diffusion = jnp.mean(form.loss(pred, rows.z0, rows.eps, rows.t)) / accum
+  metrics = {'loss/diffusion': diffusion}
+  if cfg.lpl is None or cfg.lpl_rows_per_group == 0:
+    return diffusion, metrics
+  z0_hat = form.x0_hat(rows.z_t, pred, rows.t)
+  num_layers = len(cfg.lpl.used_layers)
+
+  def compute(z0_hat):
+    return lpl_term(z0_hat, rows.z0, ae_params, ae_model=ae_model, cfg=cfg, mesh=mesh, groups=groups)
+
+  def skip(z0_hat):
+    return jnp.zeros(()), jnp.zeros(num_layers), jnp.zeros(num_layers)
+
+  lpl_sum, layer_sum, frac_sum = jax.lax.cond(active, compute, skip, z0_hat)
+  lpl_rows = cfg.lpl_rows_per_group * groups * accum  # LPL rows of the whole step
+  total = diffusion + cfg.lpl.weight * lpl_sum / (batch_size if cfg.lpl_normalize == 'batch' else lpl_rows)
+  metrics['loss/lpl'] = lpl_sum / lpl_rows
+  for j in range(num_layers):
+    metrics[f'lpl/layer_{j}'] = layer_sum[j] / lpl_rows
+    metrics[f'lpl/outlier_fraction_{j}'] = frac_sum[j] / lpl_rows
+  return total, metrics
+
+
+def accumulated_grads(grad_fn: Callable, params: Any, rows: Noised, *, shards: int, accum: int,
+                      mesh: Mesh | None) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+  """`(loss, metrics, grads)` summed over `accum` micro-batches (a `lax.scan`); one pass when `accum == 1`."""
+  if accum == 1:
+    (total, metrics), grads = grad_fn(params, rows)
+    return total, metrics, grads
+
+  def body(carry, micro):
+    (total, metrics), grads = grad_fn(params, micro)
+    return jax.tree.map(jnp.add, carry, (total, metrics, grads)), None
+
+  micro = jax.tree.map(lambda x: _microbatches(x, shards, accum, mesh), rows)
+  first = jax.tree.map(lambda x: x[0], micro)
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(lambda: (*grad_fn(params, first)[0],
+                                                                                      params)))
+  (total, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
+  return total, metrics, grads
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], ae_params: Any, *, model: Any,
                optimizer: optax.GradientTransformation, cfg: StepConfig, ae_model: AutoencoderKL | None = None,
                mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -164,73 +262,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ae_params: Any, *
   `{'latents', 'context': [B, L, D]}` (plus optionally `'pooled': [B, P]`) of precomputed text embeddings for
   text-conditional ones; label dropout replaces a label by `null_class`, or zeroes a row's text embeddings.
   """
-  form = cfg.formulation
-  z0 = batch['latents']
-  b, accum = z0.shape[0], cfg.accum_steps
   if ('labels' in batch) == ('context' in batch):
     raise ValueError(f"the batch needs one of 'labels' (class-conditional) or 'context' (text); got {sorted(batch)}.")
+  b, accum = batch['latents'].shape[0], cfg.accum_steps
   shards = 1 if mesh is None else mesh.size
-  groups = cfg.lpl_groups or shards * accum
-  if b % (shards * accum) or b % groups or groups % (shards * accum):
-    raise ValueError(f'global batch {b}, {shards} devices, {accum} accumulation steps and {groups} LPL groups: the '
-                     'batch must split over devices x accumulation steps and over the groups, and the groups over '
-                     'devices x accumulation steps.')
-  rng, t_key, noise_key, drop_key = jax.random.split(state.rng, 4)
-  use_lpl = cfg.lpl is not None and cfg.lpl_rows > 0
-  t = stratified_timesteps(t_key, cfg, b, groups) if use_lpl else cfg.sampler.sample(t_key, b)
-  eps = jax.random.normal(noise_key, z0.shape, z0.dtype)
-  z_t = form.add_noise(z0, eps, t)
-  drop = jax.random.bernoulli(drop_key, cfg.label_dropout, (b,))
-  if 'labels' in batch:
-    cond = {'y': jnp.where(drop, cfg.null_class, batch['labels'])}
-  else:
-    cond = {k: jnp.where(drop.reshape((b,) + (1,) * (v.ndim - 1)), jnp.zeros_like(v), v)
-            for k, v in batch.items() if k in ('context', 'pooled')}
-  rows = cfg.lpl_rows * groups  # LPL rows of the whole batch
+  groups = lpl_groups_of(cfg, b, shards)
+  rng, *keys = jax.random.split(state.rng, 4)
+  rows = noise_batch(tuple(keys), batch, cfg, groups)
   active = state.step >= cfg.lpl_start_step
-  num_layers = len(cfg.lpl.used_layers) if use_lpl else 0
-
-  def loss_fn(params, micro):
-    """This micro-batch's share of the step's loss (the sum over micro-batches is the batch's loss) and metrics."""
-    z0, eps, z_t, t, cond = micro
-    cond = dict(cond)
-    pred = model.apply({'params': params}, z_t, form.model_time(t), cond.pop('y', None), **cond)
-    diffusion = jnp.mean(form.loss(pred, z0, eps, t)) / accum
-    metrics = {'loss/diffusion': diffusion}
-    if not use_lpl:
-      return diffusion, metrics
-    z0_hat = form.x0_hat(z_t, pred, t)
-
-    def compute(z0_hat):
-      return lpl_term(z0_hat, z0, ae_params, ae_model=ae_model, cfg=cfg, mesh=mesh, groups=groups // accum)
-
-    def skip(z0_hat):
-      return jnp.zeros(()), jnp.zeros(num_layers), jnp.zeros(num_layers)
-
-    lpl_sum, layer_sum, frac_sum = jax.lax.cond(active, compute, skip, z0_hat)
-    total = diffusion + cfg.lpl.weight * lpl_sum / (b if cfg.lpl_normalize == 'batch' else rows)
-    metrics['loss/lpl'] = lpl_sum / rows
-    for j in range(num_layers):
-      metrics[f'lpl/layer_{j}'] = layer_sum[j] / rows
-      metrics[f'lpl/outlier_fraction_{j}'] = frac_sum[j] / rows
-    return total, metrics
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  micro = (z0, eps, z_t, t, cond)
-  if accum == 1:
-    (total, metrics), grads = grad_fn(state.params, micro)
-  else:
-    def body(carry, micro):
-      (total, metrics), grads = grad_fn(state.params, micro)
-      return jax.tree.map(jnp.add, carry, (total, metrics, grads)), None
-
-    micro = jax.tree.map(lambda x: _microbatches(x, shards, accum, mesh), micro)
-    first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                         jax.eval_shape(lambda: (*grad_fn(state.params, first)[0], state.params)))
-    (total, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
-  if use_lpl:
-    metrics.update({'lpl/rows': jnp.asarray(rows * active, jnp.int32), 'lpl/active': active.astype(jnp.int32)})
+  bound = functools.partial(loss_fn, ae_params=ae_params, active=active, model=model, cfg=cfg, ae_model=ae_model,
+                            mesh=mesh, groups=groups // accum, batch_size=b, accum=accum)
+  grad_fn = jax.value_and_grad(bound, has_aux=True)
+  total, metrics, grads = accumulated_grads(grad_fn, state.params, rows, shards=shards, accum=accum, mesh=mesh)
+  if cfg.lpl is not None and cfg.lpl_rows_per_group > 0:
+    metrics.update({'lpl/rows': jnp.asarray(cfg.lpl_rows_per_group * groups * active, jnp.int32),
+                    'lpl/active': active.astype(jnp.int32)})
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   step = state.step + 1

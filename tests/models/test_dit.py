@@ -171,4 +171,4 @@ def test_bad_config_raises():
   with pytest.raises(ValueError, match='hidden_size 30 is not a multiple of num_heads 4'):
     models.DiT(**TINY | dict(hidden_size=30)).init(jax.random.key(0), *inputs())
   with pytest.raises(ValueError, match="unknown DiT size 'XXL'"):
-    models.dit('XXL', 2)
+    models.dit_by_size('XXL', 2)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from lpl_jax import data as data_lib
-from lpl_jax import experiment
+from lpl_jax.train import build
+from lpl_jax.train.config import ConfigError, Experiment, step_config, validate
 from tests.run import common
 
 
@@ -19,14 +20,15 @@ def test_every_config_file_lists_its_variants():
 
 @pytest.mark.parametrize('name,variant', common.all_variants())
 def test_config_builds_and_validates(name, variant):
-  c = common.load(name).get_config(variant)
+  exp = common.experiment(name, variant)
   devices = 1 if name == 'demo_cpu.py' else 8
-  experiment.validate(c, num_devices=devices, check_files=False)
-  cfg = experiment.step_config(c, num_devices=devices)
+  validate(exp, num_devices=devices, check_files=False)
+  cfg = step_config(exp, num_devices=devices)
   assert (cfg.lpl is not None) == ('lpl' in variant.split(','))
   if cfg.lpl is not None:
-    assert cfg.lpl_rows > 0
-    assert c.optim.ema_decay == (0.99975 if name != 'demo_cpu.py' else c.optim.ema_decay)
+    assert cfg.lpl_rows_per_group > 0
+    if name != 'demo_cpu.py':
+      assert exp.optim.ema_decay == 0.99975
 
 
 def test_paper_settings():
@@ -39,8 +41,8 @@ def test_paper_settings():
     common.load('imagenet.py').get_config('post512,lpk')
 
 
-def _demo():
-  return common.load('demo_cpu.py').get_config('post,lpl')
+def _demo(**overrides):
+  return common.experiment('demo_cpu.py', 'post,lpl', **overrides)
 
 
 @pytest.mark.parametrize('field,value,message', [
@@ -48,56 +50,70 @@ def _demo():
     ('model.patch_size', 3, 'do not split into model.patch_size=3 patches'),
     ('data.global_batch', 12, 'data.global_batch=12 does not split over 8 devices'),
     ('step.accum_steps', 4, 'does not split over 8 devices x step.accum_steps=4'),
-    ('diffusion.formulation', 'ddpm_q', "diffusion.formulation='ddpm_q'"),
+    ('diffusion.formulation', 'ddpm_q', "diffusion: unknown formulation 'ddpm_q'"),
     ('sample.sampler', 'euler', "sample.sampler='euler' does not fit diffusion.formulation='ddpm_eps'"),
     ('model.num_heads', 5, 'not a multiple of model.num_heads=5'),
     ('data.source', 'hub:imagenet', "data.source='hub:imagenet'"),
     ('model.dtype', 'float16', "model.dtype='float16'"),
-    ('lpl.num_blocks', 9, 'lpl.num_blocks=9'),
-    ('optim.lr', -1.0, 'invalid optimizer config'),
-    ('lpl.normalize', 'gated', "lpl_normalize='gated'"),
+    ('lpl.num_blocks', 9, 'lpl: decoder has 4 up blocks, LPLConfig.num_blocks asks for 9'),
+    ('optim.lr', -1.0, 'optim: invalid optimizer config'),
+    ('lpl.normalize', 'gated', "lpl: StepConfig.lpl_normalize='gated'"),
     ('lpl.tau', 0.01, 'lpl.enabled but no row gets LPL'),
+    ('data.global_batch', 0, 'data.global_batch=0; expected > 0'),
+    ('mesh.fsdp', 3, 'mesh: mesh fsdp=3 does not divide the 8 devices'),
+    ('diffusion.timesteps', 'cosine', "diffusion: unknown timestep sampler 'cosine'"),
+    ('lpl.preset', 'papers', "lpl: unknown LPL preset 'papers'"),
 ])
 def test_inconsistent_config_is_named(field, value, message):
-  c = _demo()
-  section, key = field.split('.')
-  c[section][key] = value
-  with pytest.raises(experiment.ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')):
-    experiment.validate(c, num_devices=8, check_files=False)
+  with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')):
+    validate(_demo(**{field: value}), num_devices=8, check_files=False)
+
+
+def test_the_config_must_declare_every_field_and_no_other():
+  c = common.load('demo_cpu.py').get_config('post,lpl')
+  del c.data['prefetch']
+  c.model.unknown_field = 1
+  with pytest.raises(ConfigError, match=r'missing data\.prefetch; unknown model\.unknown_field\. Every field'):
+    Experiment.from_config_dict(c)
+  with pytest.raises(ConfigError, match=r"total_steps='10'; expected int"):
+    Experiment.from_config_dict(dict(common.load('demo_cpu.py').get_config('post').to_dict(), total_steps='10'))
+
+
+def test_a_run_config_round_trips_through_json():
+  exp = _demo()
+  assert Experiment.from_config_dict(__import__('json').loads(exp.to_json())) == exp
 
 
 def test_files_a_config_names_are_checked(tmp_path):
-  c = common.load('imagenet.py').get_config('post512,lpl')
-  with pytest.raises(experiment.ConfigError, match='autoencoder.weights is empty'):
-    experiment.validate(c, num_devices=1)
-  c.autoencoder.allow_random_weights = True
-  with pytest.raises(experiment.ConfigError, match='--config.init.checkpoint=WORKDIR'):
-    experiment.validate(c, num_devices=1)
-  c.init.checkpoint = str(tmp_path / 'missing')
-  with pytest.raises(experiment.ConfigError, match='is not a folder'):
-    experiment.validate(c, num_devices=1)
+  exp = common.experiment('imagenet.py', 'post512,lpl')
+  with pytest.raises(ConfigError, match='autoencoder.weights is empty'):
+    validate(exp, num_devices=1)
+  exp = exp.replace(autoencoder={'allow_random_weights': True})
+  with pytest.raises(ConfigError, match='--config.init.checkpoint=WORKDIR'):
+    validate(exp, num_devices=1)
+  with pytest.raises(ConfigError, match='is not a folder'):
+    validate(exp.replace(init={'checkpoint': str(tmp_path / 'missing')}), num_devices=1)
 
 
 def test_latent_cache_shapes_must_match_the_config(tmp_path):
   path = str(tmp_path / 'cache')
   with data_lib.LatentCacheWriter(path, resolution=64, scaling_factor=1.0) as w:
     w.add(np.zeros((2, 8, 8, 4), np.float32), np.zeros(2, np.int32), text=np.zeros((2, 7, 16), np.float32))
-  c = _demo()
-  c.data.source = f'cache:{path}'
-  with pytest.raises(experiment.ConfigError, match=r'holds \(8, 8, 4\) latents but data.resolution=32'):
-    experiment.validate(c, num_devices=1)
-  c.data.resolution = 64
-  experiment.validate(c, num_devices=1)
-  c.model.kind, c.model.context_dim, c.model.context_len = 'mmdit', 32, 7
-  with pytest.raises(experiment.ConfigError, match=r'context_len/context_dim = \(7, 32\)'):
-    experiment.validate(c, num_devices=1)
+  exp = _demo(**{'data.source': f'cache:{path}'})
+  with pytest.raises(ConfigError, match=r'holds \(8, 8, 4\) latents but data.resolution=32'):
+    validate(exp, num_devices=1)
+  exp = exp.replace(data={'resolution': 64})
+  validate(exp, num_devices=1)
+  exp = exp.replace(model={'kind': 'mmdit', 'context_dim': 32, 'context_len': 7})
+  with pytest.raises(ConfigError, match=r'context_len/context_dim = \(7, 32\)'):
+    validate(exp, num_devices=1)
 
 
-def _check_lowered(c):
+def _check_lowered(exp):
   """The lowered step is the train step, and holds the LPL switch (a `lax.cond`) exactly when LPL is on."""
-  text = experiment.lower_train_step(c).as_text()
+  text = build.lower_train_step(exp).as_text()
   assert text.startswith('module @jit_train_step') and 'func.func public @main' in text
-  assert ('stablehlo.case' in text) == c.lpl.enabled
+  assert ('stablehlo.case' in text) == exp.lpl.enabled
 
 
 def test_demo_step_lowers():
@@ -110,14 +126,12 @@ def test_paper_config_step_lowers(name, variant):
   """Each paper config's step (MMDiT, SD decoder, LPL, its resolution, formulation and conditioning) traced and
   lowered on abstract shapes. The MMDiT is cut to 2 of its 28 blocks here, which changes no shape (tracing 28 blocks
   takes ~20 s per config on 2 cores); the full depth is lowered for two configs below."""
-  c = common.load(name).get_config(variant)
-  c.model.depth = 2
-  _check_lowered(c)
+  _check_lowered(common.experiment(name, variant, **{'model.depth': 2}))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name,variant', [('imagenet.py', 'post512,lpl,flow'), ('cc12m.py', 'post256,lpl')])
 def test_paper_config_step_lowers_at_full_depth(name, variant):
-  c = common.load(name).get_config(variant)
-  assert c.model.depth == 28 and c.model.hidden_size == 1536
-  _check_lowered(c)
+  exp = common.experiment(name, variant)
+  assert exp.model.depth == 28 and exp.model.hidden_size == 1536
+  _check_lowered(exp)

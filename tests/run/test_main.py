@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lpl_jax import data as data_lib
-from lpl_jax import trainer
+from lpl_jax.train import loop
 from tests.run import common
 
 DEMO = os.path.join(common.CONFIG_DIR, 'demo_cpu.py')
@@ -101,10 +101,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(env, pretrain
 
 @pytest.mark.slow
 def test_post_training_starts_from_the_pretraining_checkpoint(pretrained):
-  c = common.load('demo_cpu.py').get_config('post,lpl')
-  c.init.checkpoint = str(pretrained)
-  run = trainer.setup(c)
-  state = trainer._restore_init(run, c)  # noqa: SLF001 - the step the loop takes when no checkpoint exists
+  run = loop.setup(common.experiment('demo_cpu.py', 'post,lpl', **{'init.checkpoint': str(pretrained)}))
+  state = loop.restore_init(run)  # the step the loop takes when no checkpoint exists
   saved = ocp.StandardCheckpointer().restore(os.path.join(pretrained, 'checkpoints', '4', 'state'))
   for part in ('params', 'ema_params'):
     for a, b in zip(jax.tree.leaves(getattr(state, part)), jax.tree.leaves(saved[part]), strict=True):
@@ -182,10 +180,11 @@ def test_sample_cli_writes_adm_layout(env, pretrained, tmp_path):
 
 
 def test_library_modules_define_no_command_line_flags(env):
-  """Only the entry points (main, sample, train_autoencoder) define absl flags, each in its own process; a library
-  module that did would clash with them (`DuplicateFlagError` for --workdir) when imported together."""
-  code = ('import lpl_jax.demo, lpl_jax.trainer, lpl_jax.sampling, lpl_jax.experiment, lpl_jax.encode, '
-          'lpl_jax.evaluate, lpl_jax.report\nfrom absl import flags\n'
+  """Only the entry points define absl flags, each in its own process: every module of every subpackage imports
+  together without defining one (a library module that did would clash with them, `DuplicateFlagError`)."""
+  code = ('import pkgutil, importlib, lpl_jax\nfrom absl import flags\n'
+          'for m in pkgutil.walk_packages(lpl_jax.__path__, "lpl_jax."):\n'
+          '  if m.ispkg or m.name.count(".") > 1: importlib.import_module(m.name)\n'
           'print(sorted(n for n in ("workdir", "config", "num", "steps", "seed") if n in flags.FLAGS))')
   proc = subprocess.run([sys.executable, '-c', code], cwd=common.ROOT, env=env, capture_output=True, text=True,
                         timeout=300)

@@ -22,7 +22,7 @@ def setup(*, weight=3.0, start_step=0, lpl_on=True, chunk=0, groups=0, lr=1e-3, 
   group = BATCH // (groups or 1)
   k = sampler.split(form, lpl.noise_level_threshold(lcfg, SIDE * 8), group) if lpl_on else 0
   optim = train.OptimConfig(lr=lr, ema_decay=0.9)
-  cfg = train.StepConfig(form, sampler, optim, lpl=lcfg, lpl_rows=k, lpl_groups=groups, lpl_start_step=start_step,
+  cfg = train.StepConfig(form, sampler, optim, lpl=lcfg, lpl_rows_per_group=k, lpl_groups=groups, lpl_start_step=start_step,
                          lpl_chunk=chunk, null_class=CLASSES,
                          accum_steps=accum)
   return model, ae_model, ae_params, cfg

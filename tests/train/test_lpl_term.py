@@ -27,7 +27,7 @@ def setup():
 
 def _cfg(lcfg, chunk):
   return train.StepConfig(diffusion.get_formulation('ddpm_eps'), diffusion.TimestepSampler(num_timesteps=1000),
-                          train.OptimConfig(), lpl=lcfg, lpl_rows=K, lpl_groups=GROUPS, lpl_chunk=chunk)
+                          train.OptimConfig(), lpl=lcfg, lpl_rows_per_group=K, lpl_groups=GROUPS, lpl_chunk=chunk)
 
 
 @pytest.mark.parametrize('chunk', [0, 1])

@@ -53,7 +53,7 @@ def switched_on_at_1():
 
 def test_lpl_gradient_reaches_the_denoiser(with_lpl, zero_weight):
   state, history, _, _ = with_lpl
-  rows = common.setup()[3].lpl_rows  # one group on one device: K rows in all
+  rows = common.setup()[3].lpl_rows_per_group  # one group on one device: K rows in all
   assert history[0]['loss/lpl'] > 0 and history[0]['lpl/rows'] == rows > 0
   assert history[0]['loss/total'] == pytest.approx(history[0]['loss/diffusion'] + 3.0 * history[0]['loss/lpl'] * rows
                                                    / common.BATCH, rel=1e-5)
@@ -79,7 +79,7 @@ def test_switching_on_at_start_step_does_not_recompile(switched_on_at_1):
 
 
 def test_chunked_lpl_equals_unchunked(with_lpl):
-  chunked, history, _, _ = _run(weight=3.0, chunk=common.setup()[3].lpl_rows // 2, steps=1)
+  chunked, history, _, _ = _run(weight=3.0, chunk=common.setup()[3].lpl_rows_per_group // 2, steps=1)
   state, ref_history, _, _ = with_lpl
   assert history[0]['loss/lpl'] == pytest.approx(ref_history[0]['loss/lpl'], rel=1e-5)
   np.testing.assert_allclose(_flat(chunked.params), _flat(state.params), rtol=1e-5, atol=1e-6)

@@ -3,6 +3,8 @@ the export (from_diffusers and diffusers' PyTorch AutoencoderKL), the latent sca
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +12,14 @@ import numpy as np
 import pytest
 
 from lpl_jax import autoencoder as ae
-from lpl_jax.aetrain import AETrainConfig, ensure_autoencoder, read_training_info, train
-from lpl_jax.aetrain import run as run_lib
-from lpl_jax.aetrain import step as step_lib
+from lpl_jax.train.autoencoder import AETrainConfig, ensure_autoencoder, read_training_info, train
+from lpl_jax.train.autoencoder import loop as loop_lib
+from lpl_jax.train.autoencoder import step as step_lib
 from lpl_jax.train.checkpoint import Checkpointer
 
 pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 # Two levels of 8 and 16 channels at 16 px: every code path of the trainer, compiled in seconds.
 SMALL = dict(widths=(8, 16), layers_per_block=1, resolution=16, batch_size=4, lr=3e-3, warmup_steps=0,
@@ -63,7 +67,7 @@ def test_export_loads_and_reproduces_the_trained_model(trained):
   assert model.config.scaling_factor == pytest.approx(info['scaling_factor'], rel=1e-12)
   assert model.config.block_out_channels == (8, 16) and model.config.downsample_factor == 2
   trained_model = ae.AutoencoderKL(model.config)
-  x = jnp.asarray(run_lib._images(cfg, 4, seed=123))  # pylint: disable=protected-access
+  x = jnp.asarray(loop_lib._images(cfg, 4, seed=123))  # pylint: disable=protected-access
   fn = jax.jit(lambda m, p, x: m.apply({'params': p}, x), static_argnums=0)
   np.testing.assert_array_equal(fn(model, params, x), fn(trained_model, state.params, x))
 
@@ -72,7 +76,7 @@ def test_scaling_factor_is_one_over_the_latent_std(trained):
   _, settings, folder = trained
   cfg = AETrainConfig(**settings)
   model, params = ae.from_diffusers(folder)
-  images = run_lib._images(cfg, cfg.scale_images, cfg.seed + 1)  # pylint: disable=protected-access
+  images = loop_lib._images(cfg, cfg.scale_images, cfg.seed + 1)  # pylint: disable=protected-access
   mean, logvar = model.apply({'params': params}, jnp.asarray(images), method=model.encode)
   # Not the same noise draw as the export's, so only statistically equal: the std of N(mean, var) samples.
   std = np.sqrt(np.mean(np.square(mean) + np.exp(logvar)) - np.mean(mean) ** 2)
@@ -86,7 +90,7 @@ def test_export_loads_in_diffusers_pytorch(trained):
   model, params = ae.from_diffusers(folder)
   vae = diffusers.AutoencoderKL.from_pretrained(folder).eval()
   assert vae.config.scaling_factor == pytest.approx(model.config.scaling_factor)
-  x = run_lib._images(AETrainConfig(**settings), 4, seed=7)  # pylint: disable=protected-access
+  x = loop_lib._images(AETrainConfig(**settings), 4, seed=7)  # pylint: disable=protected-access
   with torch.no_grad():
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     mean_t = vae.encode(xt).latent_dist.mean
@@ -98,7 +102,7 @@ def test_export_loads_in_diffusers_pytorch(trained):
 
 def test_ensure_autoencoder_reuses_the_cache(trained, monkeypatch):
   cache, settings, folder = trained
-  monkeypatch.setattr(run_lib, 'train', lambda *a, **k: pytest.fail('retrained a cached autoencoder'))
+  monkeypatch.setattr(loop_lib, 'train', lambda *a, **k: pytest.fail('retrained a cached autoencoder'))
   assert ensure_autoencoder(cache, **settings) == folder
   # Bookkeeping settings do not change the weights: still a hit.
   assert ensure_autoencoder(cache, **dict(settings, log_every=5, checkpoint_every=50)) == folder
@@ -111,15 +115,15 @@ def test_ensure_autoencoder_retrains_when_settings_change(trained, monkeypatch):
   def fake_train(cfg, workdir, **kwargs):
     calls.append(cfg)
     os.makedirs(os.path.join(workdir, 'export'), exist_ok=True)
-    with open(os.path.join(workdir, 'export', run_lib.TRAINING_INFO), 'w') as f:
+    with open(os.path.join(workdir, 'export', loop_lib.TRAINING_INFO), 'w') as f:
       json.dump(dict(settings_hash=cfg.settings_hash(), step=cfg.steps), f)
 
-  monkeypatch.setattr(run_lib, 'train', fake_train)
+  monkeypatch.setattr(loop_lib, 'train', fake_train)
   changed = ensure_autoencoder(cache, **dict(settings, kl_weight=1e-5))
   assert changed != folder and len(calls) == 1 and calls[0].kl_weight == 1e-5
   assert ensure_autoencoder(cache, **dict(settings, kl_weight=1e-5)) == changed and len(calls) == 1
   # An intermediate export (fewer steps than asked) is not a finished one.
-  info_path = os.path.join(changed, run_lib.TRAINING_INFO)
+  info_path = os.path.join(changed, loop_lib.TRAINING_INFO)
   info = json.load(open(info_path))
   json.dump(dict(info, step=info['step'] - 1), open(info_path, 'w'))
   ensure_autoencoder(cache, **dict(settings, kl_weight=1e-5))
@@ -142,18 +146,18 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_command_line_and_bf16(tmp_path):
-  from absl import flags
-
-  from lpl_jax import train_autoencoder
-
-  argv = ['train_autoencoder', f'--workdir={tmp_path}', '--widths=8,16', '--layers_per_block=1', '--resolution=16',
-          '--batch_size=4', '--steps=3', '--dtype=bfloat16', '--log_every=1', '--rec_loss=l1+l2']
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(argv)
-  try:
-    train_autoencoder.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
+  """The config-file command line end to end (a variant and typed overrides), in its own process as it is run."""
+  cmd = [sys.executable, '-m', 'lpl_jax.train_autoencoder', '--config=configs/autoencoder.py:f4',
+         f'--workdir={tmp_path}', '--config.resolution=16', '--config.batch_size=4', '--config.steps=3',
+         '--config.dtype=bfloat16', '--config.log_every=1', '--config.rec_loss=l1+l2', '--config.scale_images=32',
+         '--config.eval_images=8']
+  proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   info = read_training_info(str(tmp_path / 'export'))
   assert info['step'] == 3 and info['settings']['dtype'] == 'bfloat16' and np.isfinite(info['heldout_psnr'])
-  ae.from_diffusers(tmp_path / 'export')
+  assert info['settings']['rec_loss'] == 'l1+l2' and info['settings']['widths'] == [32, 64, 128]  # the f4 variant
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary['step'] == 3 and summary['heldout_psnr'] == pytest.approx(info['heldout_psnr'])
+  model, _ = ae.from_diffusers(tmp_path / 'export')
+  assert model.config.downsample_factor == 4

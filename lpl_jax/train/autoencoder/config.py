@@ -1,7 +1,8 @@
 """Settings of an autoencoder training run: one frozen dataclass, checked at construction, with a stable hash.
 
 The hash covers every field that changes the trained weights or the exported folder; bookkeeping fields (logging,
-checkpoint and export intervals) are left out, so changing them reuses a cached autoencoder.
+checkpoint and export intervals) are left out, so changing them reuses a cached autoencoder. `from_config_dict`
+reads the ml_collections form of the same settings (`configs/autoencoder.py`).
 """
 
 from __future__ import annotations
@@ -9,14 +10,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from lpl_jax import autoencoder as ae
+
+if TYPE_CHECKING:
+  import ml_collections
 
 REC_LOSSES = ('l1', 'l2', 'l1+l2')
 DTYPES = ('float32', 'bfloat16')
 # Fields that change neither the weights nor the export.
 _BOOKKEEPING = frozenset({'log_every', 'checkpoint_every', 'export_every', 'keep_checkpoints'})
+# The config-file spelling of "the preset's value" for the architecture overrides: a ConfigDict field set to None has
+# no type, so `--config.widths=32,64,128` could not be parsed; an empty or zero value of the right type can.
+PRESET_VALUE = {'widths': (), 'layers_per_block': 0, 'latent_channels': 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +82,37 @@ class AETrainConfig:
   export_every: int = 0
   keep_checkpoints: int = 2
 
+  @classmethod
+  def from_config_dict(cls, c: ml_collections.ConfigDict | Mapping[str, Any]) -> AETrainConfig:
+    """The run that an `ml_collections.ConfigDict` (or a plain mapping) with exactly this class's fields describes.
+
+    `widths=()`, `layers_per_block=0` and `latent_channels=0` stand for None (the preset's value), see
+    `PRESET_VALUE`.
+
+    Raises:
+      ValueError: a field is unknown or missing, or a value is invalid (as at construction).
+    """
+    values = c.to_dict() if hasattr(c, 'to_dict') else dict(c)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    missing = [n for n in names if n not in values]
+    if unknown or missing:
+      problems = [f'{what} {", ".join(fields)}' for what, fields in (('unknown fields', unknown),
+                                                                    ('missing fields', missing)) if fields]
+      raise ValueError(f'the autoencoder config does not match AETrainConfig: {"; ".join(problems)}.')
+    for name in PRESET_VALUE:
+      if not values[name]:  # (), 0 (or None, from a plain mapping)
+        values[name] = None
+    return cls(**values)
+
   def __post_init__(self):
     if self.widths is not None:
       object.__setattr__(self, 'widths', tuple(int(w) for w in self.widths))
+      if not self.widths or min(self.widths) < 1:
+        raise ValueError(f'widths={self.widths}: expected at least one width, each >= 1 (None = the preset\'s).')
+    for name in ('layers_per_block', 'latent_channels'):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
+        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)} (None = the preset\'s).')
     if self.preset not in ae.PRESETS:
       raise ValueError(f'preset={self.preset!r}; known: {sorted(ae.PRESETS)}.')
     if self.rec_loss not in REC_LOSSES:

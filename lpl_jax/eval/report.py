@@ -4,6 +4,7 @@ curves from `metrics.jsonl`, sample grids side by side. matplotlib, written as P
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -15,31 +16,22 @@ from PIL import Image
 
 from lpl_jax import lpl as lpl_lib
 from lpl_jax.autoencoder import AutoencoderKL
-from lpl_jax.lpl.loss import kernel_scale, layer_down_factors, scaled_kernel
 
 TAP_NAMES = ('mid', 'up_0', 'up_1', 'up_2', 'up_3', 'up_4', 'up_5')
 
 
 def features_and_masks(model: AutoencoderKL, params, z_scaled: jax.Array, cfg: lpl_lib.LPLConfig):
-  """The decoder taps LPL uses for scaled latents `z_scaled` `[B, h, w, C]`, and the Algorithm 1 keep-masks of the
-  layers that get them (None for the others): `[(name, features [B, H, W, C], mask or None)]`, NumPy."""
-  depth = cfg.deepest_block
+  """The decoder taps LPL uses for scaled latents `z_scaled` `[B, h, w, C]`, with the keep-masks `lpl_loss` would
+  give them (`lpl.layer_masks`; None for taps without one): `[(name, features [B, H, W, C], mask or None)]`, NumPy.
+  """
   z = model.unscale_latents(z_scaled)
-  feats = model.apply({'params': params}, z, depth, cfg.apply_post_quant_conv, method=model.decoder_features)
+  feats = model.apply({'params': params}, z, cfg.deepest_block, cfg.apply_post_quant_conv,
+                      method=model.decoder_features)
+  used = [jnp.asarray(feats[i], jnp.float32) for i in cfg.used_layers]
   image_size = z_scaled.shape[1] * model.config.downsample_factor
-  layers = cfg.used_layers
-  shapes = [tuple(feats[i].shape) for i in layers]
-  scale = kernel_scale(cfg, image_size)
-  out = []
-  for i, down in zip(layers, layer_down_factors(shapes, image_size), strict=True):
-    f = jnp.asarray(feats[i], jnp.float32)
-    mask = None
-    if cfg.outlier_removal and i in cfg.outlier_layers:
-      mask = np.asarray(lpl_lib.outlier_mask(f, quant=cfg.quant, down_factor=down,
-                                             opening=scaled_kernel(cfg.opening, scale),
-                                             closing=scaled_kernel(cfg.closing, scale), margin_std=cfg.margin_std))
-    out.append((TAP_NAMES[i] if i < len(TAP_NAMES) else f'tap_{i}', np.asarray(f), mask))
-  return out
+  masks = lpl_lib.layer_masks(used, cfg, image_size)
+  return [(TAP_NAMES[i] if i < len(TAP_NAMES) else f'tap_{i}', np.asarray(f), None if m is None else np.asarray(m))
+          for i, f, m in zip(cfg.used_layers, used, masks, strict=True)]
 
 
 def feature_mask_figure(taps, path: str, *, image: np.ndarray | None = None, sample: int = 0) -> str:
@@ -102,25 +94,33 @@ def loss_curves_figure(runs: Mapping[str, str], path: str, keys: Sequence[str] =
   return path
 
 
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+  """uint8 `[N, H, W, C]` -> one `[rows * H, columns * W, C]` image (a square-ish grid by default)."""
+  n, h, w, ch = images.shape
+  columns = columns or math.ceil(math.sqrt(n))
+  rows = math.ceil(n / columns)
+  grid = np.zeros((rows * h, columns * w, ch), np.uint8)
+  for i, image in enumerate(images):
+    r, c = divmod(i, columns)
+    grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+  return grid
+
+
+def save_grid(images: np.ndarray, path: str, columns: int | None = None) -> str:
+  """uint8 `[N, H, W, 3]` -> one PNG grid at `path` (folders created)."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  Image.fromarray(image_grid(images, columns)).save(path)
+  return path
+
+
 def side_by_side(images: Mapping[str, np.ndarray], path: str, columns: int = 4) -> str:
   """Sample grids (uint8 `[N, H, W, 3]` per name) next to each other, with titles."""
   fig, axes = plt.subplots(1, len(images), figsize=(3.2 * len(images), 3.6), squeeze=False)
   for a, (name, batch) in zip(axes[0], images.items(), strict=True):
-    n, h, w, ch = batch.shape
-    rows = -(-n // columns)
-    grid = np.zeros((rows * h, columns * w, ch), np.uint8)
-    for i, im in enumerate(batch):
-      r, c = divmod(i, columns)
-      grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
-    a.imshow(grid, interpolation='nearest')
+    a.imshow(image_grid(batch, columns), interpolation='nearest')
     a.set_title(name, fontsize=9)
     a.axis('off')
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
-  return path
-
-
-def save_png(image: np.ndarray, path: str) -> str:
-  Image.fromarray(np.asarray(image, np.uint8)).save(path)
   return path

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from lpl_jax.aetrain import AETrainConfig, losses
-from lpl_jax.aetrain import step as step_lib
-from lpl_jax.aetrain.discriminator import PatchDiscriminator
 from lpl_jax.autoencoder import AutoencoderKL, kl_divergence
+from lpl_jax.train.autoencoder import AETrainConfig, losses
+from lpl_jax.train.autoencoder import step as step_lib
+from lpl_jax.train.autoencoder.discriminator import PatchDiscriminator
 
 
 def _images(seed, shape=(3, 24, 24, 3)):

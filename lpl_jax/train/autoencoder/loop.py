@@ -23,19 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from lpl_jax import autoencoder as ae
-from lpl_jax.aetrain import step as step_lib
-from lpl_jax.aetrain.config import AETrainConfig
 from lpl_jax.data import make_image_pipeline, make_source
+from lpl_jax.train.autoencoder import step as step_lib
+from lpl_jax.train.autoencoder.config import AETrainConfig
 from lpl_jax.train.checkpoint import Checkpointer
+from lpl_jax.train.errors import NonFiniteLossError, non_finite
 
 log = logging.getLogger(__name__)
 
 TRAINING_INFO = 'lpl_training.json'  # beside config.json: the settings, their hash, the step, the measurements
 _EVAL_SEED_OFFSET = 1_000_003  # held-out crops: another crop/flip stream than any training seed near it
-
-
-class NonFiniteLossError(RuntimeError):
-  pass
 
 
 def _images(cfg: AETrainConfig, count: int, seed: int) -> np.ndarray:
@@ -118,6 +115,9 @@ def train(cfg: AETrainConfig, workdir: str, *, export_dir: str | None = None,
   Returns:
     The export's `lpl_training.json` contents plus `train_seconds` (this call's training time), or the last metrics
     when stopped early.
+
+  Raises:
+    NonFiniteLossError: a logged metric was NaN or infinite; that step is not saved, the earlier checkpoints stay.
   """
   export_dir = export_dir or os.path.join(workdir, 'export')
   os.makedirs(workdir, exist_ok=True)
@@ -147,11 +147,10 @@ def train(cfg: AETrainConfig, workdir: str, *, export_dir: str | None = None,
       done = s + 1
       if done % cfg.log_every == 0 or done == end:
         metrics = {k: float(v) for k, v in jax.device_get(out).items()}
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        bad = non_finite(metrics)
         if bad:
-          ckpt.close()
-          raise NonFiniteLossError(f'step {done}: non-finite {bad} ({metrics}); the last good checkpoint is kept '
-                                   f'in {ckpt.directory}.')
+          ckpt.close()  # waits for the pending saves: every checkpoint left is from a step before this one
+          raise NonFiniteLossError(done, bad, checkpoints=str(ckpt.directory))
         log_file.write(json.dumps(dict(step=done, seconds=round(time.time() - t0, 2), **metrics)) + '\n')
         log_file.flush()
         log.info('step %d/%d %s', done, cfg.steps, ' '.join(f'{k}={v:.4g}' for k, v in sorted(metrics.items())))

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lpl_jax.aetrain import losses
-from lpl_jax.aetrain.config import AETrainConfig
-from lpl_jax.aetrain.discriminator import PatchDiscriminator
 from lpl_jax.autoencoder import AutoencoderKL, init_params, kl_divergence, sample_posterior
+from lpl_jax.train.autoencoder import losses
+from lpl_jax.train.autoencoder.config import AETrainConfig
+from lpl_jax.train.autoencoder.discriminator import PatchDiscriminator
 
 
 @dataclasses.dataclass(frozen=True)

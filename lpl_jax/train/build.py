@@ -1,0 +1,174 @@
+"""The objects an `Experiment` describes: the frozen autoencoder, the denoiser, its inputs, the step lowered on
+abstract shapes, the sampler, and the state of a run's checkpoint with samples from it.
+
+Everything here takes the typed `Experiment` (`train.config`), never a `ConfigDict`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lpl_jax import autoencoder as ae_lib
+from lpl_jax import diffusion
+from lpl_jax.models.dit import DiT
+from lpl_jax.models.mmdit import MMDiT
+from lpl_jax.train import sharding
+from lpl_jax.train.checkpoint import Checkpointer
+from lpl_jax.train.config import DTYPES, Experiment, autoencoder_config, formulation, latent_shape, step_config
+from lpl_jax.train.state import make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def load_autoencoder(exp: Experiment) -> tuple[ae_lib.AutoencoderKL, Any]:
+  """The frozen autoencoder and its host params: from `autoencoder.weights`, or random (from `seed`) for the preset
+  when the config allows it."""
+  section = exp.autoencoder
+  model, params, random = ae_lib.load_autoencoder(section.weights or section.preset, dtype=DTYPES[section.dtype],
+                                                  seed=exp.seed + 1)
+  if random:
+    log.warning('autoencoder: RANDOM weights (preset %s); LPL and samples are meaningless.', section.preset)
+  return model, params
+
+
+def make_denoiser(exp: Experiment, latent_channels: int) -> DiT | MMDiT:
+  m = exp.model
+  kw = dict(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,
+            mlp_ratio=m.mlp_ratio, in_channels=latent_channels, dtype=DTYPES[m.dtype], remat=m.remat)
+  if m.kind == 'dit':
+    return DiT(num_classes=m.num_classes, **kw)
+  return MMDiT(num_classes=m.num_classes, context_dim=m.context_dim or None, pooled_dim=m.pooled_dim or None,
+               qk_norm=m.qk_norm, **kw)
+
+
+def denoiser_inputs(exp: Experiment, batch: int) -> tuple[tuple, dict]:
+  """Zero inputs of the denoiser for `batch` rows (for `init` and abstract shapes): `(args, kwargs)`."""
+  x = jnp.zeros((batch, *latent_shape(exp)))
+  t = jnp.zeros((batch,))
+  m = exp.model
+  if m.text:
+    kw = {'context': jnp.zeros((batch, m.context_len, m.context_dim))}
+    if m.pooled_dim:
+      kw['pooled'] = jnp.zeros((batch, m.pooled_dim))
+    return (x, t, None), kw
+  return (x, t, jnp.zeros((batch,), jnp.int32)), {}
+
+
+def init_params_fn(exp: Experiment, model: Any) -> Callable[[jax.Array], Any]:
+  """`key -> params` of the denoiser, boxed with their logical axis names."""
+  args, kw = denoiser_inputs(exp, 1)
+  return lambda key: model.init(key, *args, **kw)['params']
+
+
+def batch_spec(exp: Experiment) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of the train step's global batch."""
+  b, m = exp.data.global_batch, exp.model
+  out = {'latents': jax.ShapeDtypeStruct((b, *latent_shape(exp)), jnp.float32)}
+  if m.text:
+    out['context'] = jax.ShapeDtypeStruct((b, m.context_len, m.context_dim), jnp.float32)
+    if m.pooled_dim:
+      out['pooled'] = jax.ShapeDtypeStruct((b, m.pooled_dim), jnp.float32)
+  else:
+    out['labels'] = jax.ShapeDtypeStruct((b,), jnp.int32)
+  return out
+
+
+def lower_train_step(exp: Experiment, mesh: Mesh | None = None) -> Any:
+  """The experiment's train step lowered for abstract inputs (nothing is materialised): checks that a config's
+  shapes fit together, and gives XLA's cost and memory analyses after `.compile()` (benchmarks)."""
+  mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
+  ae_model = ae_lib.AutoencoderKL(autoencoder_config(exp.autoencoder), dtype=DTYPES[exp.autoencoder.dtype])
+  model = make_denoiser(exp, ae_model.config.latent_channels)
+  cfg = step_config(exp, num_devices=mesh.size)
+  optimizer = make_optimizer(cfg.optim)
+  state, shardings = sharding.abstract_state(init_params_fn(exp, model), optimizer, mesh,
+                                             fsdp=exp.mesh.shard_params)
+  replicated = NamedSharding(mesh, P())
+  ae_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                           jax.eval_shape(lambda k: ae_lib.init_params(ae_model, k), jax.random.key(0)))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+           for k, v in batch_spec(exp).items()}
+  step = sharding.jit_train_step(shardings, mesh, model=model, optimizer=optimizer, cfg=cfg, ae_model=ae_model)
+  return step.lower(state, batch, ae_params)
+
+
+def checkpoint_folder(workdir: str) -> str:
+  """A run's checkpoint folder: `<workdir>/checkpoints`, or `workdir` itself when it is one."""
+  inner = os.path.join(workdir, 'checkpoints')
+  return inner if os.path.isdir(inner) else workdir
+
+
+def restore_state(exp: Experiment, folder: str, model: Any, mesh: Mesh, *, step: int = -1) -> tuple[Any, int]:
+  """`(train state, step)` of checkpoint `step` (-1: the latest) in `folder`, restored straight into its sharded
+  layout on `mesh`."""
+  optimizer = make_optimizer(exp.optim)
+  target, _ = sharding.abstract_state(init_params_fn(exp, model), optimizer, mesh, fsdp=exp.mesh.shard_params)
+  with Checkpointer(folder, save_every=1, async_save=False) as ckpt:
+    restored = ckpt.restore(target, step=None if step < 0 else step)
+  if restored is None:
+    raise FileNotFoundError(f'{folder} holds no checkpoint.')
+  state, _, step = restored
+  return state, step
+
+
+def sample_conditions(exp: Experiment, source: Any, num: int) -> dict[str, np.ndarray]:
+  """What `num` samples are conditioned on: classes 0, 1, 2, ... or the text embeddings of the source's first
+  records."""
+  if exp.model.text:
+    return {'context': np.stack([source[i % len(source)]['text'] for i in range(num)]).astype(np.float32)}
+  return {'labels': (np.arange(num) % exp.model.num_classes).astype(np.int32)}
+
+
+def make_generate_fn(exp: Experiment, model: Any, ae_model: ae_lib.AutoencoderKL,
+                     mesh: Mesh) -> diffusion.GenerateFn:
+  """The experiment's sampler (its `sample` section) followed by the decoder, rows sharded over the mesh."""
+  s = exp.sample
+  settings = diffusion.SamplerSettings(sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta,
+                                       shift=exp.diffusion.shift)
+  return diffusion.make_generate_fn(model, ae_model, formulation(exp.diffusion), latent_shape=latent_shape(exp),
+                                    settings=settings, null_class=exp.model.num_classes,
+                                    sharding=sharding.batch_sharding(mesh))
+
+
+def samples_from_run(exp: Experiment, workdir: str, *, num: int, batch_size: int, seed: int = 0,
+                     labels: str = 'cycle', step: int = -1, ema: bool = True,
+                     progress: bool = False) -> tuple[np.ndarray, np.ndarray | None, int]:
+  """`(uint8 images [num, H, W, 3], class labels [num] or None for text models, checkpoint step)` sampled from a
+  run's checkpoint with the experiment's sampler, batches sharded over all devices.
+
+  Args:
+    labels: `'cycle'` (0, 1, 2, ...) or `'random'` (uniform from `seed`) class labels.
+    step: the checkpoint (-1: the latest).
+    ema: the EMA params, else the raw ones.
+  """
+  mesh = sharding.make_mesh(exp.mesh.data, exp.mesh.fsdp)
+  if batch_size % mesh.size:
+    raise ValueError(f'batch_size={batch_size} must be a multiple of the {mesh.size} devices.')
+  ae_model, ae_host = load_autoencoder(exp)
+  model = make_denoiser(exp, ae_model.config.latent_channels)
+  state, step = restore_state(exp, checkpoint_folder(workdir), model, mesh, step=step)
+  params = state.ema_params if ema else state.params
+  if exp.model.text:
+    from lpl_jax.data import make_source
+
+    cond, ys = sample_conditions(exp, make_source(exp.data.source), num), None
+  elif labels == 'cycle':
+    cond = sample_conditions(exp, None, num)
+    ys = cond['labels']
+  else:
+    ys = np.random.default_rng(seed).integers(0, exp.model.num_classes, num).astype(np.int32)
+    cond = {'labels': ys}
+  rows = sharding.batch_sharding(mesh)
+  images = diffusion.generate(make_generate_fn(exp, model, ae_model, mesh), params, sharding.replicate(ae_host, mesh),
+                              cond, batch_size=batch_size, seed=seed, place=lambda x: jax.device_put(x, rows),
+                              gather=lambda x: np.asarray(jax.device_get(x)), progress=progress)
+  return images, ys, step

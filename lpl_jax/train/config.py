@@ -1,0 +1,467 @@
+"""The experiment, typed: one frozen dataclass per section of a config file, built once from the `ml_collections`
+config (`Experiment.from_config_dict`) and checked in one place (`validate`).
+
+The entry points are the only code that reads a `ConfigDict`; everything below them takes an `Experiment`. Every
+field is declared, with its value, in `configs/common.py` (`base()`), which the config files start from;
+docs/configs.md describes each one. A section's values that the library's own constructors check (`OptimConfig`,
+`LPLConfig`, `StepConfig`, `TimestepSampler`, formulations) are checked by building those objects here, with the
+error named by its config section, not a second time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lpl_jax import autoencoder as ae_lib
+from lpl_jax import diffusion
+from lpl_jax import lpl as lpl_lib
+from lpl_jax.train.errors import ConfigError
+from lpl_jax.train.sharding import mesh_shape
+from lpl_jax.train.state import OptimConfig
+from lpl_jax.train.step import StepConfig
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+MODEL_KINDS = ('dit', 'mmdit')
+DATA_KINDS = ('embedded', 'folder', 'tfds', 'cache')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+  """Where batches come from: `source` is `'embedded'`, `'folder:PATH'`, `'tfds:NAME'` or `'cache:PATH'`.
+
+  `''` and `0` mean "none" (`data_dir`, `num_samples`) so that every field can be set from the command line.
+  """
+
+  source: str
+  split: str
+  data_dir: str
+  resolution: int
+  global_batch: int
+  shuffle: bool
+  random_flip: bool
+  random_crop: bool
+  num_samples: int
+  worker_count: int
+  prefetch: int
+  latent_sampling: str  # latents with a stored std: 'sample' z ~ posterior, or 'mean'
+
+  @property
+  def kind(self) -> str:
+    return self.source.split(':', 1)[0]
+
+  @property
+  def location(self) -> str:
+    """The path or name after `kind:` (empty for the embedded photographs)."""
+    return self.source.partition(':')[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderSection:
+  """The frozen autoencoder: a diffusers-format folder (`weights`), or the `preset` architecture with random weights
+  when `allow_random_weights` (tests and smoke runs only)."""
+
+  preset: str
+  weights: str
+  dtype: str
+  allow_random_weights: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+  """The denoiser. `context_dim > 0` makes an MMDiT text-conditional (cached text embeddings)."""
+
+  kind: str
+  patch_size: int
+  hidden_size: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float
+  num_classes: int
+  context_dim: int
+  context_len: int
+  pooled_dim: int
+  qk_norm: bool
+  dtype: str
+  remat: bool
+
+  @property
+  def text(self) -> bool:
+    return self.context_dim > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSection:
+  formulation: str
+  schedule: str
+  beta_start: float
+  beta_end: float
+  zero_terminal_snr: bool
+  timesteps: str
+  logit_mean: float
+  logit_std: float
+  mode_scale: float
+  shift: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LPLSection:
+  """LPL in the train step: the loss preset and the fields a config overrides, and how the step runs it.
+
+  `groups` is the number of stratification groups of the global batch (0 = one per device and accumulation step);
+  `chunk` the rows per chunk of the LPL branch (0 = all of a device's rows at once)."""
+
+  enabled: bool
+  preset: str
+  weight: float
+  tau: float
+  start_step: int
+  chunk: int
+  normalize: str
+  groups: int
+  remat: bool
+  num_blocks: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSection:
+  label_dropout: float
+  accum_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+  data: int  # -1: the devices that fsdp leaves
+  fsdp: int
+  shard_params: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSection:
+  """Post-training: the pre-training run to start from (params and EMA, and the optimizer state if asked)."""
+
+  checkpoint: str
+  step: int  # -1: its latest checkpoint
+  keep_optimizer: bool
+  required: bool  # post-training configs: starting without init.checkpoint is an error
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSection:
+  sampler: str
+  steps: int
+  guidance: float
+  eta: float
+  use_ema: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A whole run. The top-level fields are the loop's; the sections are the pieces it builds."""
+
+  seed: int
+  total_steps: int
+  log_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  sample_every: int  # 0: sample grids only at the end
+  num_sample_images: int
+  progress: bool
+  data: DataSection
+  autoencoder: AutoencoderSection
+  model: ModelSection
+  diffusion: DiffusionSection
+  optim: OptimConfig
+  lpl: LPLSection
+  step: StepSection
+  mesh: MeshSection
+  init: InitSection
+  sample: SampleSection
+
+  @classmethod
+  def from_config_dict(cls, config: Any) -> Experiment:
+    """From a `ConfigDict` (or a nested mapping, e.g. a run's `config.json`): every field present, none unknown.
+
+    Raises:
+      ConfigError: naming every missing and unknown field, or a section given as a value.
+    """
+    tree = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+    return _build(cls, tree, '')
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2)
+
+  def replace(self, **sections: Any) -> Experiment:
+    """A copy with fields replaced; a mapping for a section replaces only the fields it names:
+    `exp.replace(total_steps=10, lpl={'enabled': True})`."""
+    out = {}
+    for name, value in sections.items():
+      current = getattr(self, name)
+      out[name] = dataclasses.replace(current, **value) if isinstance(value, Mapping) else value
+    return dataclasses.replace(self, **out)
+
+
+def _layout_problems(cls: type, tree: Mapping[str, Any], prefix: str) -> tuple[list[str], list[str]]:
+  """`(missing, unknown)` field names of the whole tree, dotted."""
+  fields, hints = {f.name for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
+  missing = [prefix + k for k in sorted(fields - set(tree))]
+  unknown = [prefix + k for k in sorted(set(tree) - fields)]
+  for name in sorted(fields & set(tree)):
+    if dataclasses.is_dataclass(hints[name]) and isinstance(tree[name], Mapping):
+      m, u = _layout_problems(hints[name], tree[name], f'{prefix}{name}.')
+      missing, unknown = missing + m, unknown + u
+  return missing, unknown
+
+
+def _build(cls: type, tree: Mapping[str, Any], prefix: str) -> Any:
+  if not prefix:
+    missing, unknown = _layout_problems(cls, tree, '')
+    if missing or unknown:
+      parts = ([f'missing {", ".join(missing)}'] if missing else []) + ([f'unknown {", ".join(unknown)}']
+                                                                        if unknown else [])
+      raise ConfigError(f'the config does not match the experiment layout: {"; ".join(parts)}. Every field is '
+                        'declared in configs/common.py (docs/configs.md).')
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    hint, value = hints[f.name], tree[f.name]
+    if dataclasses.is_dataclass(hint):
+      if not isinstance(value, Mapping):
+        raise ConfigError(f'{prefix}{f.name} is a section; got the value {value!r}.')
+      if hint is OptimConfig:  # the library's dataclass, which checks its own values
+        kwargs[f.name] = _built(prefix + f.name, lambda h=hint, v=value, p=f'{prefix}{f.name}.': h(
+            **{k: _coerce(x, typing.get_type_hints(h)[k], p + k) for k, x in v.items()}))
+      else:
+        kwargs[f.name] = _build(hint, value, f'{prefix}{f.name}.')
+    else:
+      kwargs[f.name] = _coerce(value, hint, prefix + f.name)
+  return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+  """Config values keep their declared type (ints given for floats are widened; anything else is an error)."""
+  if isinstance(hint, types.UnionType) or typing.get_origin(hint) is not None:
+    return value
+  if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+    raise ConfigError(f'{name}={value!r}; expected {hint.__name__}.')
+  return value
+
+
+# --- validation -----------------------------------------------------------------------------------------------
+
+
+def _check(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ConfigError(msg)
+
+
+def _built(section: str, make: Callable[[], Any]) -> Any:
+  """A library object from a section's values; its own ValueError becomes a ConfigError naming the section."""
+  try:
+    return make()
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(f'{section}: {e}') from e
+
+
+def autoencoder_config(section: AutoencoderSection) -> ae_lib.AutoencoderConfig:
+  """The autoencoder's architecture: read from the weights folder, else the preset's."""
+  if section.weights and os.path.isdir(section.weights):
+    return ae_lib.read_config(section.weights)
+  _check(section.preset in ae_lib.PRESETS,
+         f'autoencoder.preset={section.preset!r}; known: {sorted(ae_lib.PRESETS)}.')
+  return ae_lib.PRESETS[section.preset]
+
+
+def formulation(section: DiffusionSection) -> diffusion.Formulation:
+  return _built('diffusion', lambda: diffusion.get_formulation(
+      section.formulation, schedule=section.schedule, beta_start=section.beta_start, beta_end=section.beta_end,
+      zero_terminal_snr=section.zero_terminal_snr))
+
+
+def timestep_sampler(section: DiffusionSection, form: diffusion.Formulation) -> diffusion.TimestepSampler:
+  return _built('diffusion', lambda: diffusion.TimestepSampler(
+      kind=section.timesteps, num_timesteps=None if form.is_flow else form.num_timesteps,
+      logit_mean=section.logit_mean, logit_std=section.logit_std, mode_scale=section.mode_scale,
+      shift=section.shift))
+
+
+def lpl_config(section: LPLSection) -> lpl_lib.LPLConfig | None:
+  """The loss config: the preset with the fields the section sets; None when LPL is off."""
+  if not section.enabled:
+    return None
+  return _built('lpl', lambda: lpl_lib.LPLConfig.from_preset(
+      section.preset, weight=section.weight, tau=section.tau, remat=section.remat, num_blocks=section.num_blocks))
+
+
+def lpl_groups(exp: Experiment, num_devices: int) -> int:
+  """Stratification groups of the global batch: `lpl.groups`, or one per device and accumulation step."""
+  return exp.lpl.groups or num_devices * exp.step.accum_steps
+
+
+def step_config(exp: Experiment, *, num_devices: int | None = None) -> StepConfig:
+  """The train step's static config. The LPL rows per group come from the timestep distribution's mass below the
+  noise threshold at the data's resolution (`TimestepSampler.split`)."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  form = formulation(exp.diffusion)
+  sampler = timestep_sampler(exp.diffusion, form)
+  loss = lpl_config(exp.lpl)
+  groups = rows = 0
+  if loss is not None:
+    groups = lpl_groups(exp, num_devices)
+    rows = sampler.split(form, lpl_lib.noise_level_threshold(loss, exp.data.resolution),
+                         exp.data.global_batch // groups)
+  return _built('lpl', lambda: StepConfig(
+      form, sampler, exp.optim, lpl=loss, lpl_rows_per_group=rows, lpl_groups=groups,
+      lpl_start_step=exp.lpl.start_step, lpl_chunk=exp.lpl.chunk, lpl_normalize=exp.lpl.normalize,
+      label_dropout=exp.step.label_dropout, null_class=exp.model.num_classes, accum_steps=exp.step.accum_steps))
+
+
+def latent_shape(exp: Experiment) -> tuple[int, int, int]:
+  """`(h, w, c)` of the denoiser's latents."""
+  ae_cfg = autoencoder_config(exp.autoencoder)
+  side = exp.data.resolution // ae_cfg.downsample_factor
+  return side, side, ae_cfg.latent_channels
+
+
+def validate(exp: Experiment, *, num_devices: int | None = None, process_count: int | None = None,
+             check_files: bool = True) -> None:
+  """Every inconsistency that can be found without running anything, each with a message naming the field.
+
+  Args:
+    num_devices, process_count: of the job (default: this one's).
+    check_files: also check what needs the files the config names (weights, latent cache, init checkpoint).
+
+  Raises:
+    ConfigError: the first problem found.
+  """
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  _check_loop(exp)
+  _check_data_and_model(exp)
+  _check_sampling(exp)
+  ae_cfg = autoencoder_config(exp.autoencoder)
+  _check_shapes(exp, ae_cfg)
+  if exp.data.kind == 'cache' and check_files:
+    _check_cache(exp, ae_cfg)
+  _check_batch(exp, num_devices, process_count)
+  loss = lpl_config(exp.lpl)
+  if loss is not None:  # the decoder is deep enough (the check make_features_fn makes when the step is traced)
+    _built('lpl', lambda: lpl_lib.make_features_fn(ae_lib.AutoencoderKL(ae_cfg), None, loss))
+  if check_files:
+    _check_files(exp)
+  cfg = step_config(exp, num_devices=num_devices)
+  if exp.lpl.enabled:
+    group = exp.data.global_batch // cfg.lpl_groups
+    mass = cfg.sampler.mass_below(cfg.formulation, lpl_lib.noise_level_threshold(cfg.lpl, exp.data.resolution))
+    _check(cfg.lpl_rows_per_group > 0,
+           f'lpl.enabled but no row gets LPL: groups of {group} rows (data.global_batch / lpl.groups) times the '
+           f'{mass:.3f} of timesteps below the noise threshold (lpl.tau={exp.lpl.tau} at {exp.data.resolution} px) '
+           'is under one row; use fewer, larger groups (lpl.groups) or a larger batch.')
+
+
+def _check_loop(exp: Experiment) -> None:
+  for name in ('total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'num_sample_images'):
+    _check(getattr(exp, name) > 0, f'{name}={getattr(exp, name)}; expected > 0.')
+  _check(exp.sample_every >= 0, f'sample_every={exp.sample_every}; expected >= 0 (0: at the end only).')
+
+
+def _check_data_and_model(exp: Experiment) -> None:
+  d, m = exp.data, exp.model
+  _check(d.kind in DATA_KINDS,
+         f"data.source={d.source!r}; expected 'embedded', 'folder:PATH', 'tfds:NAME' or 'cache:PATH'.")
+  _check(d.latent_sampling in ('sample', 'mean'), f"data.latent_sampling={d.latent_sampling!r}; 'sample' or 'mean'.")
+  _check(d.global_batch > 0, f'data.global_batch={d.global_batch}; expected > 0.')
+  _check(m.kind in MODEL_KINDS, f'model.kind={m.kind!r}; expected one of {MODEL_KINDS}.')
+  for field, value in (('model.dtype', m.dtype), ('autoencoder.dtype', exp.autoencoder.dtype)):
+    _check(value in DTYPES, f'{field}={value!r}; expected one of {sorted(DTYPES)}.')
+  _check(m.hidden_size % m.num_heads == 0,
+         f'model.hidden_size={m.hidden_size} is not a multiple of model.num_heads={m.num_heads}.')
+  if m.text:
+    _check(m.kind == 'mmdit', 'text conditioning (model.context_dim > 0) needs model.kind = mmdit.')
+    _check(m.context_len > 0, 'text conditioning needs model.context_len (tokens per caption) > 0.')
+    _check(d.kind == 'cache', 'text conditioning reads precomputed text embeddings from a latent cache '
+           "(data.source = 'cache:PATH').")
+
+
+def _check_sampling(exp: Experiment) -> None:
+  form = formulation(exp.diffusion)
+  timestep_sampler(exp.diffusion, form)
+  s = exp.sample
+  _check(s.sampler in diffusion.SAMPLERS, f'sample.sampler={s.sampler!r}; known: {diffusion.SAMPLERS}.')
+  _check(form.is_flow == (s.sampler in ('euler', 'heun', 'rk4')),
+         f'sample.sampler={s.sampler!r} does not fit diffusion.formulation={exp.diffusion.formulation!r} (flows '
+         'take euler/heun/rk4, DDPM formulations ddim/ddpm).')
+
+
+def _check_shapes(exp: Experiment, ae_cfg: ae_lib.AutoencoderConfig) -> None:
+  factor, res = ae_cfg.downsample_factor, exp.data.resolution
+  _check(res % factor == 0,
+         f"data.resolution={res} is not a multiple of the autoencoder's downsampling factor {factor}.")
+  latent = res // factor
+  _check(latent % exp.model.patch_size == 0, f'the {latent}x{latent} latents (data.resolution={res} / {factor}) do '
+         f'not split into model.patch_size={exp.model.patch_size} patches.')
+
+
+def _check_cache(exp: Experiment, ae_cfg: ae_lib.AutoencoderConfig) -> None:
+  from lpl_jax.data import read_index
+
+  index = read_index(exp.data.location)
+  shape, expected = tuple(index['latent_shape']), latent_shape(exp)
+  _check(shape == expected, f'the latent cache holds {shape} latents but data.resolution={exp.data.resolution} with '
+         f'this autoencoder gives {expected}.')
+  if exp.model.text:
+    text, m = index.get('text_shape'), exp.model
+    _check(text is not None and tuple(text) == (m.context_len, m.context_dim),
+           f'model.context_len/context_dim = {(m.context_len, m.context_dim)} but the cache holds text embeddings '
+           f'{text}.')
+
+
+def _check_batch(exp: Experiment, num_devices: int, process_count: int) -> None:
+  """The global batch over processes, devices, accumulation steps and LPL groups."""
+  b, accum = exp.data.global_batch, exp.step.accum_steps
+  _check(accum >= 1, f'step.accum_steps={accum}; expected >= 1.')
+  _check(b % (num_devices * accum) == 0,
+         f'data.global_batch={b} does not split over {num_devices} devices x step.accum_steps={accum}.')
+  _check(b % process_count == 0, f'data.global_batch={b} does not split over {process_count} processes.')
+  _built('mesh', lambda: mesh_shape(exp.mesh.data, exp.mesh.fsdp, num_devices))
+  if exp.lpl.enabled:
+    groups = lpl_groups(exp, num_devices)
+    _check(b % groups == 0 and groups % (num_devices * accum) == 0,
+           f'lpl.groups={groups} must divide data.global_batch={b} and be a multiple of devices x accum_steps = '
+           f'{num_devices * accum}.')
+
+
+def _check_files(exp: Experiment) -> None:
+  weights = exp.autoencoder.weights
+  _check(bool(weights) or exp.autoencoder.allow_random_weights,
+         'autoencoder.weights is empty: name a diffusers-format folder, or set autoencoder.allow_random_weights=True '
+         '(LPL with a random decoder is meaningless outside tests).')
+  _check(not weights or os.path.isdir(weights), f'autoencoder.weights={weights!r} is not a folder.')
+  init = exp.init.checkpoint
+  _check(init != '' or not exp.init.required,
+         'this is a post-training config: name the pre-training run with --config.init.checkpoint=WORKDIR.')
+  _check(init == '' or os.path.isdir(init), f'init.checkpoint={init!r} is not a folder.')
+
+
+def load_run(workdir: str) -> Experiment:
+  """The experiment a training run was started with (its `config.json`)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} does not exist: the workdir must be a training run of lpl_jax.main.')
+  with open(path) as f:
+    return Experiment.from_config_dict(json.load(f))
