@@ -76,7 +76,7 @@ def saved_activation_bytes(fn, args: tuple) -> float | None:
   inspection, which is not public API.
   """
   try:
-    from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=g-import-not-at-top
+    from jax._src.ad_checkpoint import saved_residuals
   except ImportError:
     return None
   return float(sum(aval.size * aval.dtype.itemsize for aval, source in saved_residuals(fn, *args)

@@ -26,22 +26,22 @@ import os
 # Eight simulated devices for the FSDP mesh; must be set before jax is imported.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 
-import argparse  # noqa: E402
-import re  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import re
+import statistics
+import time
+from typing import Any
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from benchmarks.decoder_features import flops_of, fmt, ratio  # noqa: E402
-from lpl_jax import autoencoder as ae  # noqa: E402
-from lpl_jax import diffusion, lpl, train  # noqa: E402
-from lpl_jax.models import DiT, MMDiT_paper  # noqa: E402
+from benchmarks.decoder_features import flops_of, fmt, ratio
+from lpl_jax import autoencoder as ae
+from lpl_jax import diffusion, lpl, train
+from lpl_jax.models import DiT, MMDiT_paper
 
 GIB = 2.0 ** 30
 TFLOP = 1e12
@@ -188,7 +188,7 @@ def extrapolate(results: dict[int, dict[str, Any]], lo: int, hi: int, depth: int
     return results[depth]
   a, b = results[lo], results[hi]
   w = (depth - lo) / (hi - lo)
-  line = lambda x, y: x + w * (y - x)  # noqa: E731
+  line = lambda x, y: x + w * (y - x)
   return dict(b, flops=line(a['flops'], b['flops']), params=line(a['params'], b['params']),
               mem={key: line(a['mem'][key], b['mem'][key]) for key in b['mem']},
               compile_s=a['compile_s'] + b['compile_s'])

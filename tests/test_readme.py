@@ -15,7 +15,7 @@ def test_readme_snippet_runs():
   section = text.split('## LPL in your own JAX trainer', 1)[1]
   code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
   scope = {}
-  exec(compile(code, 'README.md', 'exec'), scope)  # noqa: S102 - the snippet is the thing under test
+  exec(compile(code, 'README.md', 'exec'), scope)  # the snippet is the thing under test
   first = float(scope['loss'])
   jax = scope['jax']
   params, opt_state = scope['params'], scope['opt_state']

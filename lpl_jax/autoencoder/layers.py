@@ -70,7 +70,7 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
-    dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
+    dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     y = group_norm(self.groups, self.dtype, self.param_dtype, 'group_norm')(x).reshape(b, h * w, c)
     q, k, v = dense('to_q')(y), dense('to_k')(y), dense('to_v')(y)
     logits = jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=_at_least_f32(q.dtype)) * (c ** -0.5)

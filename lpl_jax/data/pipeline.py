@@ -49,7 +49,7 @@ class ProcessShareMapDataset(grain.MapDataset):
     return self._parent[self._parent_index(index)]
 
   def _getitems(self, indices: Sequence[int]):
-    return self._parent._getitems([self._parent_index(i) for i in indices])  # pylint: disable=protected-access
+    return self._parent._getitems([self._parent_index(i) for i in indices])
 
   def __str__(self) -> str:
     return f'ProcessShareMapDataset(global_batch={self._global}, rows={self._offset}:{self._offset + self._local})'
@@ -105,7 +105,7 @@ def image_stream(source: Any, crop: CropConfig, *, seed: int, shuffle: bool, num
                  global_batch: int = 1) -> grain.MapDataset:
   """The global stream of cropped uint8 records `{'image': [R, R, 3], 'label': []}` (no batching, no sharding).
 
-  `lpl_jax.encode` reads it with `shuffle=False, num_epochs=1`, so cache record `i` is stream position `i`.
+  `encode_to_cache` reads it with `shuffle=False, num_epochs=1`, so cache record `i` is stream position `i`.
   """
   ds = _stream(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs, global_batch=global_batch)
 

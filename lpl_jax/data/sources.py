@@ -24,14 +24,14 @@ from lpl_jax.data.transforms import to_rgb
 
 
 def _motorcycle() -> np.ndarray:
-  import skimage.data  # pylint: disable=g-import-not-at-top
+  import skimage.data
 
   return skimage.data.stereo_motorcycle()[0]  # left view; the right view is nearly the same picture
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
   def load() -> np.ndarray:
-    import skimage.data  # pylint: disable=g-import-not-at-top
+    import skimage.data
 
     return getattr(skimage.data, name)()
 
@@ -157,7 +157,7 @@ class TfdsSource:
 
   def __init__(self, name: str, *, split: str = 'train', data_dir: str | None = None, image_key: str = 'image',
                label_key: str = 'label'):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
 
     self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
     try:
@@ -210,7 +210,7 @@ def make_source(spec: str, *, split: str = 'train', data_dir: str | None = None,
   if kind == 'tfds' and arg:
     return TfdsSource(arg, split=split, data_dir=data_dir, **kwargs)
   if kind == 'cache' and arg:
-    from lpl_jax.data.cache import LatentCacheSource  # pylint: disable=g-import-not-at-top
+    from lpl_jax.data.cache import LatentCacheSource
 
     return LatentCacheSource(arg, **kwargs)
   raise ValueError(f'unknown data source {spec!r}; expected embedded, folder:PATH, tfds:NAME or cache:PATH.')

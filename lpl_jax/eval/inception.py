@@ -29,15 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lpl_jax import weights
+
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
 BN_EPS = 1e-3
 WEIGHTS_FILENAME = 'pt_inception-2015-12-05-6726825d.pth'
-
-
-class WeightsMismatchError(ValueError):
-  """The weights file does not hold exactly the tensors of the FID InceptionV3."""
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -268,95 +266,39 @@ def init_params(model: FIDInceptionV3, rng: jax.Array) -> dict:
 # -------------------------------------------------------------------------------------------------------------------
 # Weight import.
 
-_BN_LEAVES = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}
+_BN_LEAVES = {'running_mean': 'mean', 'running_var': 'var'}  # batch-norm statistics are parameters here
 _IGNORED_SUFFIX = '.num_batches_tracked'  # a training counter in newer torch state dicts, not a weight
+_NO_TORCH_HINT = ('Either install torch, or convert the file once where torch is available with '
+                  'lpl_jax.eval.convert_weights(src, dst.npz) and pass the .npz.')
 
 
-def torch_name_to_path(name: str) -> tuple[str, ...]:
-  """`'Mixed_5b.branch1x1.bn.running_var'` -> `('Mixed_5b', 'branch1x1', 'bn', 'var')`."""
-  *modules, leaf = name.split('.')
-  if modules and modules[-1] == 'bn':
-    leaf = _BN_LEAVES.get(leaf, leaf)
-  elif leaf == 'weight':
-    leaf = 'kernel'
-  return tuple(modules) + (leaf,)
-
-
-def path_to_torch_name(path: tuple[str, ...]) -> str:
-  *modules, leaf = path
-  if modules and modules[-1] == 'bn':
-    leaf = {v: k for k, v in _BN_LEAVES.items()}[leaf]
-  elif leaf == 'kernel':
-    leaf = 'weight'
-  return '.'.join(modules + [leaf])
-
-
-def _to_flax(array: np.ndarray) -> np.ndarray:
-  if array.ndim == 4:  # conv [O, I, kh, kw] -> [kh, kw, I, O]
-    return np.transpose(array, (2, 3, 1, 0))
-  if array.ndim == 2:  # linear [O, I] -> [I, O]
-    return np.transpose(array)
-  return array
-
-
-def _to_torch(array: np.ndarray) -> np.ndarray:
-  if array.ndim == 4:
-    return np.transpose(array, (3, 2, 0, 1))
-  if array.ndim == 2:
-    return np.transpose(array)
-  return array
-
-
-def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-  return _to_torch(np.empty(flax_shape, np.bool_)).shape
+def _torch_name(path: weights.Path) -> str:
+  # Module names such as `branch7x7_1` end in digits without being list entries.
+  return weights.path_to_torch_name(path, leaves=_BN_LEAVES, numbered=False)
 
 
 @functools.cache
-def _expected_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
-  shapes = jax.eval_shape(lambda: init_params(FIDInceptionV3(), jax.random.key(0)))
-  return {path: leaf.shape for path, leaf in flax.traverse_util.flatten_dict(shapes).items()}
+def _expected_shapes() -> dict[weights.Path, tuple[int, ...]]:
+  return weights.expected_shapes(lambda: init_params(FIDInceptionV3(), jax.random.key(0)))
 
 
 def convert_state_dict(state_dict: Mapping[str, Any]) -> dict:
   """pytorch-fid Inception state dict (name -> array, PyTorch layouts) -> Flax params, strictly checked.
 
   Raises:
-    WeightsMismatchError: naming every missing, unexpected and mis-shaped tensor.
+    WeightsMismatchError: naming every missing, unexpected, mis-shaped and non-floating-point tensor.
   """
-  expected = _expected_shapes()
-  converted, unexpected, misshaped, misshaped_paths = {}, [], [], set()
-  for name, array in state_dict.items():
-    if name.endswith(_IGNORED_SUFFIX):
-      continue
-    array = np.asarray(array)
-    path = torch_name_to_path(name)
-    if path not in expected:
-      unexpected.append(f'{name} {tuple(array.shape)}')
-      continue
-    value = _to_flax(array)
-    if value.shape != expected[path]:
-      misshaped.append(f'{name}: file has {tuple(array.shape)}, FID Inception expects {_torch_shape(expected[path])}')
-      misshaped_paths.add(path)
-      continue
-    if not np.issubdtype(value.dtype, np.floating):
-      misshaped.append(f'{name}: dtype {value.dtype}, expected floating point')
-      misshaped_paths.add(path)
-      continue
-    converted[path] = value.astype(np.float32)
-  missing = [f'{path_to_torch_name(p)} {_torch_shape(s)}' for p, s in expected.items()
-             if p not in converted and p not in misshaped_paths]
-  problems = [f'{len(items)} {title} tensor(s):\n    ' + '\n    '.join(sorted(items))
-              for title, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped))
-              if items]
-  if problems:
-    raise WeightsMismatchError('weights do not match pytorch-fid\'s FID InceptionV3 (fid_inception_v3):\n  '
-                               + '\n  '.join(problems))
-  return flax.traverse_util.unflatten_dict({p: jnp.asarray(v) for p, v in converted.items()})
+  tensors = ((name, weights.torch_name_to_path(name, np.ndim(array), leaves=_BN_LEAVES),
+              weights.torch_to_flax(np.asarray(array)))
+             for name, array in state_dict.items() if not name.endswith(_IGNORED_SUFFIX))
+  converted = weights.match_params(tensors, _expected_shapes(), model='FID Inception', name_of=_torch_name,
+                                   target='pytorch-fid\'s FID InceptionV3 (fid_inception_v3)')
+  return flax.traverse_util.unflatten_dict({p: jnp.asarray(v, jnp.float32) for p, v in converted.items()})
 
 
 def params_to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Flax params -> pytorch-fid state dict (names and layouts of `fid_inception_v3().state_dict()`), float32."""
-  return {path_to_torch_name(path): np.ascontiguousarray(_to_torch(np.asarray(v, np.float32)))
+  return {_torch_name(path): np.ascontiguousarray(weights.flax_to_torch(np.asarray(v, np.float32)))
           for path, v in flax.traverse_util.flatten_dict(params).items()}
 
 
@@ -367,28 +309,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise FileNotFoundError(
         f'Inception weights file {path!r} does not exist. FID uses pytorch-fid\'s {WEIGHTS_FILENAME} (or its .npz '
         'export); nothing is downloaded by this library, see docs/eval.md for how to get the file.')
-  ext = os.path.splitext(path)[1].lower()
-  if ext == '.npz':
-    with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
-  if ext == '.safetensors':
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-
-    return load_file(path)
-  if ext in ('.pth', '.pt', '.bin'):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(
-          f'reading the torch state dict {path!r} needs PyTorch, which is not installed. Either install torch, or '
-          'convert the file once where torch is available with lpl_jax.eval.convert_weights(src, dst.npz) and '
-          'pass the .npz.') from e
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(state, Mapping):
-      raise ValueError(f'{path!r} holds a {type(state).__name__}, expected a state dict (name -> tensor).')
-    return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
-            for k, v in state.items()}
-  raise ValueError(f'{path!r}: unknown weights format {ext!r}; expected .pth/.pt (torch), .npz or .safetensors.')
+  return weights.read_tensors(path, no_torch_hint=_NO_TORCH_HINT)
 
 
 def load_inception(path: str | os.PathLike, *, precision: Any = jax.lax.Precision.HIGHEST) -> tuple[
@@ -415,7 +336,7 @@ def convert_weights(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     with open(tmp, 'wb') as f:
       np.savez(f, **state)
   elif dst.endswith('.safetensors'):
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    from safetensors.numpy import save_file
 
     save_file(state, tmp)
   else:

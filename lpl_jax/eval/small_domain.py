@@ -193,7 +193,7 @@ def load_params(path: str | os.PathLike) -> dict:
 def small_domain_frechet_distance(params: Mapping[str, Any], images_a: np.ndarray, images_b: np.ndarray, *,
                                   batch_size: int = 64) -> float:
   """Frechet distance between the small-domain features of two uint8 `[N, H, W, 3]` sets: NOT Inception-FID."""
-  from lpl_jax.eval.features import extract_features  # pylint: disable=g-import-not-at-top
+  from lpl_jax.eval.features import extract_features
 
   stats = [fid.feature_statistics(extract_features(x, small_domain_features, batch_size, params=params,
                                                    progress=False)) for x in (images_a, images_b)]

@@ -69,7 +69,7 @@ class StreamLayers(nn.Module):
     self.norm1 = L.layer_norm(self.dtype)
     self.qkv = L.qkv_projection(heads, d // heads, **kw)
     if self.qk_norm:
-      rms = lambda: nn.RMSNorm(epsilon=L.LN_EPS, **kw,  # noqa: E731
+      rms = lambda: nn.RMSNorm(epsilon=L.LN_EPS, **kw,
                                scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axes.KV,)))
       self.q_norm, self.k_norm = rms(), rms()
     if not self.pre_only:

@@ -83,7 +83,7 @@ class Checkpointer:
       try:
         out = self._manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                data=ocp.args.JsonRestore()))
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to the previous one
+      except Exception as e:  # any unreadable checkpoint: fall back to the previous one
         if step is not None:
           raise
         log.warning('checkpoint %s/%d is unreadable (%s: %s); trying the previous one.', self.directory, s,

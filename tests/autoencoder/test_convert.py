@@ -141,7 +141,7 @@ def test_truncated_or_foreign_weights_file(kl_copy):
 def test_fp16_safetensors_match_safetensors_own_reader(kl_copy):
   from safetensors.numpy import load_file as load_np
 
-  from lpl_jax.autoencoder.convert import read_safetensors
+  from lpl_jax.weights import read_safetensors
   folder, state = kl_copy
   save_file({k: v.astype(np.float16) for k, v in state.items()}, str(folder / 'half.safetensors'))
   ours, theirs = read_safetensors(str(folder / 'half.safetensors')), load_np(str(folder / 'half.safetensors'))

@@ -20,8 +20,8 @@ def _features(model, params, z, n, **kw):
   return model.apply({'params': params}, z, n, method=model.decoder_features, **kw)
 
 
-def test_sd_shapes_match_design():
-  """DESIGN.md: for a 32x32 latent, mid 32x32x512, up0 64x64x512, up1 128x128x512, up2 256x256x256,
+def test_sd_shapes_match_the_documented_taps():
+  """docs/autoencoder.md: for a 32x32 latent, mid 32x32x512, up0 64x64x512, up1 128x128x512, up2 256x256x256,
   up3 256x256x128."""
   model = ae.from_preset('sdxl')
   params = jax.eval_shape(lambda: ae.init_params(model, jax.random.key(0)))

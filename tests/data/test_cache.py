@@ -1,15 +1,19 @@
-"""Latent cache: writer/reader layout, atomic writes, posterior sampling, and `python -m lpl_jax.encode` end to end
-against encoding the pipeline's images directly."""
+"""Latent cache: writer/reader layout, atomic writes, posterior sampling, `encode_to_cache` against encoding the
+pipeline's images directly, and `python -m lpl_jax.encode` in subprocesses."""
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from lpl_jax import autoencoder as ae
-from lpl_jax import data, encode
+from lpl_jax import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A two-level autoencoder (f=2) that compiles in seconds; scaling and shift are not 1 and 0, so that a cache that
 # forgot to scale (or scaled twice) would be caught.
@@ -135,20 +139,25 @@ def encode_directly(folder, images):
   return model.scale_latents(mean), np.exp(0.5 * logvar) * model.scaling_factor
 
 
-def test_encode_cli_round_trip_equals_encoding_on_the_fly(tmp_path, small_autoencoder, capsys):
+def embedded_images(num, resolution):
+  """The records `encode_to_cache` reads: the image pipeline, unshuffled, with the embedded photographs' random crops
+  (the CLI's default for them) and the same seed, in one batch."""
+  return next(iter(data.make_image_pipeline(
+      data.EmbeddedSource(num_samples=num), resolution=resolution, global_batch=num, seed=0, shuffle=False,
+      random_crop=True, num_epochs=1, process_index=0, process_count=1)))
+
+
+def test_encode_to_cache_equals_encoding_on_the_fly(tmp_path, small_autoencoder):
   out = tmp_path / 'cache'
-  encode.main(['--source=embedded', '--num_samples=10', '--resolution=16', f'--autoencoder={small_autoencoder}',
-               f'--out={out}', '--batch_size=4', '--store_std', '--no_progress'])
-  assert 'RANDOM' not in capsys.readouterr().out
+  model, params, random_weights = ae.load_autoencoder(small_autoencoder)
+  assert not random_weights
+  data.encode_to_cache(data.EmbeddedSource(num_samples=10), model, params, str(out), resolution=16, batch_size=4,
+                       store_std=True, random_crop=True, seed=0, progress=False)
   src = data.LatentCacheSource(out)
-  assert len(src) == 10 and src.latent_shape == (8, 8, 4) and src.index['metadata']['num_classes'] == 16
+  assert len(src) == 10 and src.latent_shape == (8, 8, 4)
   assert src.index['metadata']['autoencoder_config']['shift_factor'] == 0.1
 
-  # The same records through the image pipeline (unshuffled, the encoder's default random crops for the embedded
-  # photographs, same seed), encoded here in one batch.
-  images = next(iter(data.make_image_pipeline(
-      data.EmbeddedSource(num_samples=10), resolution=16, global_batch=10, seed=0, shuffle=False, random_crop=True,
-      num_epochs=1, process_index=0, process_count=1)))
+  images = embedded_images(10, 16)
   expected, expected_std = encode_directly(small_autoencoder, images['images'])
   cached = next(iter(pipeline(src, global_batch=10, sample_posterior=False, resolution=16)))
   np.testing.assert_allclose(cached['latents'], expected, rtol=1e-4, atol=1e-5)
@@ -156,40 +165,56 @@ def test_encode_cli_round_trip_equals_encoding_on_the_fly(tmp_path, small_autoen
   np.testing.assert_allclose(np.stack([src[i]['latent_std'] for i in range(10)]), expected_std, rtol=1e-4)
 
 
-def test_encode_argument_errors(tmp_path, small_autoencoder):
-  with pytest.raises(ValueError, match='neither a diffusers autoencoder folder nor a preset'):
-    encode.main(['--autoencoder=nope', f'--out={tmp_path / "x"}', '--num_samples=4'])
+@pytest.fixture(scope='module')
+def env():
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+
+
+def run_encode(env, *args):
+  return subprocess.run([sys.executable, '-m', 'lpl_jax.encode', *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def assert_error(proc, message):
+  """Bad input: exit status 2 and one `error: ...` line on stderr naming the problem, no traceback."""
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+
+
+def test_encode_argument_errors(tmp_path, small_autoencoder, env):
+  with pytest.raises(ValueError, match="autoencoder 'nope' is neither a diffusers autoencoder folder"):
+    ae.load_autoencoder('nope')
   model, params = ae.from_diffusers(small_autoencoder)
   src = data.EmbeddedSource(num_samples=4)
   with pytest.raises(ValueError, match="resolution 15 is not a multiple of the autoencoder's downsampling factor 2"):
-    encode.encode_to_cache(src, model, params, str(tmp_path / 'x'), resolution=15, batch_size=2)
+    data.encode_to_cache(src, model, params, str(tmp_path / 'x'), resolution=15, batch_size=2)
   with pytest.raises(ValueError, match='num_samples=9: the source'):
-    encode.encode_to_cache(src, model, params, str(tmp_path / 'x'), resolution=16, batch_size=2, num_samples=9)
+    data.encode_to_cache(src, model, params, str(tmp_path / 'x'), resolution=16, batch_size=2, num_samples=9)
+  assert not os.listdir(tmp_path)
+  # The command line: the library's errors and absl's flag errors end the same way.
+  assert_error(run_encode(env, '--autoencoder=nope', f'--out={tmp_path / "x"}', '--num_samples=4'),
+               "autoencoder 'nope' is neither a diffusers autoencoder folder (no such folder exists) nor a preset; "
+               'known presets: [')
+  assert_error(run_encode(env, f'--autoencoder={small_autoencoder}', '--resolution=16'),
+               'flag --out=None: Flag --out must have a value other than None.')
   assert not os.listdir(tmp_path)
 
 
 @pytest.mark.slow
-def test_encode_cli_with_the_tiny_preset_says_weights_are_random(tmp_path, capsys):
+def test_encode_cli_with_the_tiny_preset_says_weights_are_random(tmp_path, env):
   out = tmp_path / 'tiny'
-  encode.main(['--source=embedded', '--num_samples=6', '--resolution=32', '--autoencoder=tiny', f'--out={out}',
-               '--batch_size=4', '--no_progress'])
-  assert "preset 'tiny' has RANDOM weights" in capsys.readouterr().out
-  model, params, random_weights = encode.load_autoencoder('tiny', seed=0)
+  proc = run_encode(env, '--source=embedded', '--num_samples=6', '--resolution=32', '--autoencoder=tiny',
+                    f'--out={out}', '--batch_size=4', '--noprogress')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "preset 'tiny' has RANDOM weights" in proc.stdout
+  model, params, random_weights = ae.load_autoencoder('tiny', seed=0)
   assert random_weights
-  images = next(iter(data.make_image_pipeline(
-      data.EmbeddedSource(num_samples=6), resolution=32, global_batch=6, seed=0, shuffle=False, random_crop=True,
-      num_epochs=1, process_index=0, process_count=1)))['images']
+  images = embedded_images(6, 32)['images']
   mean, _ = model.apply({'params': params}, images, method=model.encode)
   cached = next(iter(pipeline(data.LatentCacheSource(out), global_batch=6)))['latents']
   np.testing.assert_allclose(cached, model.scale_latents(mean), rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_preset_encoder_params_equal_those_of_init_params():
-  model, params, _ = encode.load_autoencoder('tiny', seed=3)
-  full = ae.init_params(model, jax.random.key(3))
-  assert sorted(params) == ['encoder', 'quant_conv']
-  jax.tree.map(np.testing.assert_array_equal, params, {k: full[k] for k in params})
 
 
 def test_make_pipeline_dispatches_on_the_source(tmp_path):
@@ -205,22 +230,23 @@ def test_make_pipeline_dispatches_on_the_source(tmp_path):
   assert images['images'].shape == (4, 16, 16, 3)
 
 
-def test_encode_shards_the_batch_over_devices(tmp_path, small_autoencoder):
-  """The CLI in a fresh process with 2 host devices writes the cache a 1-device run writes (up to float error)."""
-  import subprocess
-  import sys
-
+def test_encode_cli_shards_the_batch_over_devices(tmp_path, small_autoencoder, env):
+  """The CLI in a fresh process with 2 host devices writes the cache a 1-device `encode_to_cache` writes (up to float
+  error), with its provenance in the index."""
   out1, out2 = tmp_path / 'one', tmp_path / 'two'
+  model, params, _ = ae.load_autoencoder(small_autoencoder)
+  data.encode_to_cache(data.EmbeddedSource(num_samples=6), model, params, str(out1), resolution=16, batch_size=4,
+                       random_crop=True, seed=0, progress=False)
   args = ['--source=embedded', '--num_samples=6', '--resolution=16', f'--autoencoder={small_autoencoder}',
-          '--batch_size=4', '--no_progress']
-  encode.main(args + [f'--out={out1}'])
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
-  run = subprocess.run([sys.executable, '-m', 'lpl_jax.encode', *args, f'--out={out2}'], env=env,
-                       capture_output=True, text=True, timeout=300)
+          '--batch_size=4', '--noprogress']
+  two = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  run = run_encode(two, *args, f'--out={out2}')
   assert run.returncode == 0, run.stderr[-3000:]
-  assert 'on 2 cpu device(s)' in run.stdout
+  assert 'on 2 cpu device(s)' in run.stdout and 'RANDOM' not in run.stdout and f'wrote {out2}' in run.stdout
+  meta = data.LatentCacheSource(out2).index['metadata']
+  assert meta['num_classes'] == 16 and meta['autoencoder'] == small_autoencoder and meta['random_weights'] is False
+  assert meta['source'] == 'embedded' and meta['crop']['random_crop'] and meta['seed'] == 0
   np.testing.assert_allclose(np.load(out2 / 'mean-00000.npy'), np.load(out1 / 'mean-00000.npy'), rtol=1e-5,
                              atol=1e-6)
-  bad = subprocess.run([sys.executable, '-m', 'lpl_jax.encode', *args, '--batch_size=3', f'--out={tmp_path / "x"}'],
-                       env=env, capture_output=True, text=True, timeout=300)
-  assert bad.returncode != 0 and 'batch_size 3 must be a positive multiple of the 2 local devices' in bad.stderr
+  assert_error(run_encode(two, *args, '--batch_size=3', f'--out={tmp_path / "x"}'),
+               'batch_size 3 must be a positive multiple of the 2 local devices')

@@ -237,7 +237,7 @@ def test_gates():
   alpha, sigma = np.sqrt(alphas_cumprod), np.sqrt(1 - alphas_cumprod)
   kept = lpl.noise_level_gate(jnp.asarray(alpha), jnp.asarray(sigma), tau=5.0, resolution=256)
   np.testing.assert_array_equal(kept, (sigma / alpha <= 5.0).astype(np.float32))
-  assert abs(float(kept.mean()) - 0.8) < 0.01  # DESIGN.md: tau = 5 keeps about 80% of uniform timesteps
+  assert abs(float(kept.mean()) - 0.8) < 0.01  # docs/lpl.md: tau = 5 keeps about 80% of uniform timesteps
   at_512 = lpl.noise_level_gate(jnp.asarray(alpha), jnp.asarray(sigma), tau=5.0, resolution=512)
   np.testing.assert_array_equal(at_512, (sigma / alpha <= 10.0).astype(np.float32))
   np.testing.assert_array_equal(lpl.timestep_gate(jnp.arange(400), threshold=200), np.arange(400) < 200)

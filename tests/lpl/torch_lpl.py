@@ -1,4 +1,4 @@
-"""An independent PyTorch computation of the LPL `reference` preset, written from DESIGN.md's description of the
+"""An independent PyTorch computation of the LPL `reference` preset, written from the description in docs/lpl.md of the
 public reference (diffusers research project "lpl") and the paper's Algorithm 1, on diffusers' own decoder modules.
 
 Used by the parity tests and by benchmarks/bench_lpl.py. NCHW, as PyTorch.

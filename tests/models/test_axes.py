@@ -77,8 +77,8 @@ def test_params_initialise_directly_in_their_sharded_layout():
   without any of it."""
   model, x, t, cond = configurations(tiny=True)['mmdit_text']
   mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ('data', 'fsdp'))
-  init = lambda k: model.init(k, x, t, **cond)  # noqa: E731
-  apply = lambda p: model.apply(p, x, t, **cond)  # noqa: E731
+  init = lambda k: model.init(k, x, t, **cond)
+  apply = lambda p: model.apply(p, x, t, **cond)
   with jax.set_mesh(mesh), nn.logical_axis_rules(axes.fsdp_rules()):
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(jax.eval_shape(init, jax.random.key(0))), mesh,
                                             axes.fsdp_rules())

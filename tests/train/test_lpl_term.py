@@ -72,5 +72,5 @@ def test_backward_reruns_no_decoder_forward(setup):
   def reference(zh):
     return jnp.sum(lpl.lpl_loss(features_fn, zh[rows], z0[rows], lcfg)[0])
 
-  flops = lambda f: jax.jit(jax.grad(f)).lower(z0_hat).compile().cost_analysis()['flops']  # noqa: E731
+  flops = lambda f: jax.jit(jax.grad(f)).lower(z0_hat).compile().cost_analysis()['flops']
   assert flops(term) <= 1.02 * flops(reference)

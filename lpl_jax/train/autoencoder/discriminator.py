@@ -42,7 +42,7 @@ class PatchDiscriminator(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     pad = ((1, 1), (1, 1))
-    conv = lambda f, s, bias=True: nn.Conv(f, (4, 4), (s, s), padding=pad, use_bias=bias, kernel_init=_INIT,  # noqa: E731
+    conv = lambda f, s, bias=True: nn.Conv(f, (4, 4), (s, s), padding=pad, use_bias=bias, kernel_init=_INIT,
                                            dtype=self.dtype)
     h = nn.leaky_relu(conv(self.width, 2)(x.astype(self.dtype)), 0.2)
     for n in range(1, self.num_layers + 1):

@@ -128,7 +128,7 @@ def last_layer_grads(model: AutoencoderKL, params: Any, h: jax.Array, x: jax.Arr
   through the last convolution, so they cost that convolution and the discriminator, not another decoder backward.
   """
   h = jax.lax.stop_gradient(h)
-  rec_of = lambda k: model.apply({'params': _with_last_kernel(params, k)}, h, method=_conv_out)  # noqa: E731
+  rec_of = lambda k: model.apply({'params': _with_last_kernel(params, k)}, h, method=_conv_out)
   kernel = params['decoder']['conv_out']['kernel']
   nll_grad = jax.grad(lambda k: jnp.mean(_nll(x, rec_of(k), cfg)[0]))(kernel)
   gan_grad = jax.grad(lambda k: jnp.mean(losses.generator_loss(disc.apply({'params': disc_params}, rec_of(k)))))(

@@ -50,7 +50,7 @@ def test_ssim_matches_scikit_image():
 
 def test_multiscale_ssim_loss_is_the_mean_over_the_pyramid():
   x, y = _images(3, (2, 32, 32, 3))
-  pool = lambda a: a.reshape(2, 16, 2, 16, 2, 3).mean((2, 4))  # noqa: E731
+  pool = lambda a: a.reshape(2, 16, 2, 16, 2, 3).mean((2, 4))
   expected = 0.5 * ((1 - _skimage_ssim(x, y)) + (1 - _skimage_ssim(pool(x), pool(y))))  # 8 px < window: 2 scales
   np.testing.assert_allclose(jax.jit(losses.ssim_loss)(x, y), expected, atol=1e-5)
   with pytest.raises(ValueError, match='smaller than'):
@@ -60,7 +60,7 @@ def test_multiscale_ssim_loss_is_the_mean_over_the_pyramid():
 def test_ssim_loss_gradient():
   x, y = _images(4, (1, 12, 12, 1))
   with jax.enable_x64(True):
-    f = lambda a: jnp.sum(losses.ssim_loss(jnp.asarray(x, jnp.float64), a))  # noqa: E731
+    f = lambda a: jnp.sum(losses.ssim_loss(jnp.asarray(x, jnp.float64), a))
     chex.assert_numerical_grads(f, (jnp.asarray(y, jnp.float64),), order=1, atol=1e-4, rtol=1e-3)
 
 
@@ -128,7 +128,7 @@ def test_last_layer_grads_equal_the_full_gradient_restricted_to_conv_out(small_m
   def full(p, term):
     rec = step_lib.reconstruct(model, p, x)[0]
     if term == 'nll':
-      return jnp.mean(step_lib._nll(x, rec, lcfg)[0])  # pylint: disable=protected-access
+      return jnp.mean(step_lib._nll(x, rec, lcfg)[0])
     return jnp.mean(losses.generator_loss(disc.apply({'params': disc_params}, rec)))
 
   for term, got in (('nll', nll_grad), ('gan', gan_grad)):

@@ -67,7 +67,7 @@ def test_export_loads_and_reproduces_the_trained_model(trained):
   assert model.config.scaling_factor == pytest.approx(info['scaling_factor'], rel=1e-12)
   assert model.config.block_out_channels == (8, 16) and model.config.downsample_factor == 2
   trained_model = ae.AutoencoderKL(model.config)
-  x = jnp.asarray(loop_lib._images(cfg, 4, seed=123))  # pylint: disable=protected-access
+  x = jnp.asarray(loop_lib._images(cfg, 4, seed=123))
   fn = jax.jit(lambda m, p, x: m.apply({'params': p}, x), static_argnums=0)
   np.testing.assert_array_equal(fn(model, params, x), fn(trained_model, state.params, x))
 
@@ -76,7 +76,7 @@ def test_scaling_factor_is_one_over_the_latent_std(trained):
   _, settings, folder = trained
   cfg = AETrainConfig(**settings)
   model, params = ae.from_diffusers(folder)
-  images = loop_lib._images(cfg, cfg.scale_images, cfg.seed + 1)  # pylint: disable=protected-access
+  images = loop_lib._images(cfg, cfg.scale_images, cfg.seed + 1)
   mean, logvar = model.apply({'params': params}, jnp.asarray(images), method=model.encode)
   # Not the same noise draw as the export's, so only statistically equal: the std of N(mean, var) samples.
   std = np.sqrt(np.mean(np.square(mean) + np.exp(logvar)) - np.mean(mean) ** 2)
@@ -90,7 +90,7 @@ def test_export_loads_in_diffusers_pytorch(trained):
   model, params = ae.from_diffusers(folder)
   vae = diffusers.AutoencoderKL.from_pretrained(folder).eval()
   assert vae.config.scaling_factor == pytest.approx(model.config.scaling_factor)
-  x = loop_lib._images(AETrainConfig(**settings), 4, seed=7)  # pylint: disable=protected-access
+  x = loop_lib._images(AETrainConfig(**settings), 4, seed=7)
   with torch.no_grad():
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     mean_t = vae.encode(xt).latent_dist.mean
