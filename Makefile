@@ -13,6 +13,7 @@ demo: $(VENV)/.installed
 # left to CI (.ci/run), which runs them after this target.
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check lpl_jax tests benchmarks configs
+	$(VENV)/bin/ruff format --check lpl_jax tests benchmarks configs
 	$(PY) -m pytest -q -m "not slow" tests
 
 $(VENV)/bin/python:

@@ -45,8 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--resolution', type=int, default=256, help='image side in pixels')
   parser.add_argument('--batch', type=int, default=2)
   parser.add_argument('--iters', type=int, default=3, help='timed calls after one warm-up call')
-  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
-                      help='computation dtype of the JAX side (PyTorch runs in float32)')
+  parser.add_argument(
+    '--dtype',
+    default='float32',
+    choices=['float32', 'bfloat16'],
+    help='computation dtype of the JAX side (PyTorch runs in float32)',
+  )
   parser.add_argument('--seed', type=int, default=0)
   return parser.parse_args(argv)
 
@@ -80,8 +84,12 @@ def time_jax(fn, args: tuple, iters: int) -> tuple[dict[str, Any], Any]:
     out = jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
   mem = compiled.memory_analysis()
-  return dict(compile_s=compile_s, ms=1e3 * statistics.median(times), flops=flops_of(compiled),
-              temp=getattr(mem, 'temp_size_in_bytes', None)), out
+  return dict(
+    compile_s=compile_s,
+    ms=1e3 * statistics.median(times),
+    flops=flops_of(compiled),
+    temp=getattr(mem, 'temp_size_in_bytes', None),
+  ), out
 
 
 def time_torch(loss_fn, vae, z0_hat: torch.Tensor, z0: torch.Tensor, iters: int) -> tuple[dict[str, Any], Any]:
@@ -126,8 +134,10 @@ def main(argv: list[str] | None = None) -> None:
   dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
   model = ae.from_preset(args.preset, dtype=dtype)
   if args.resolution % model.config.downsample_factor:
-    raise ValueError(f'--resolution={args.resolution} is not a multiple of the downsampling factor '
-                     f'{model.config.downsample_factor} of preset {args.preset!r}.')
+    raise ValueError(
+      f'--resolution={args.resolution} is not a multiple of the downsampling factor '
+      f'{model.config.downsample_factor} of preset {args.preset!r}.'
+    )
   side = args.resolution // model.config.downsample_factor
   params = jax.jit(lambda k: ae.init_params(model, k))(jax.random.key(args.seed))
   z0_hat_np, z0_np = make_latents((args.batch, side, side, model.config.latent_channels), args.seed + 1)
@@ -135,14 +145,19 @@ def main(argv: list[str] | None = None) -> None:
   cfgs = {remat: lpl.LPLConfig.from_preset(args.lpl, remat=remat) for remat in (False, True)}
   torch_device = 'cuda' if torch.cuda.is_available() else 'cpu'
 
-  print(f'preset={args.preset} lpl={args.lpl} image={args.batch}x{args.resolution}x{args.resolution} '
-        f'latent={tuple(z0.shape)} jax dtype={args.dtype} iters={args.iters} '
-        f'params={sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f}M')
-  print(f'jax: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, '
-        f'flax {flax.__version__}')
-  print(f'torch: {torch_device}, torch {torch.__version__} ({torch.get_num_threads()} threads), '
-        f'diffusers {diffusers.__version__}; host {platform.processor() or platform.machine()}, '
-        f'{os.cpu_count()} CPUs')
+  print(
+    f'preset={args.preset} lpl={args.lpl} image={args.batch}x{args.resolution}x{args.resolution} '
+    f'latent={tuple(z0.shape)} jax dtype={args.dtype} iters={args.iters} '
+    f'params={sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f}M'
+  )
+  print(
+    f'jax: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, flax {flax.__version__}'
+  )
+  print(
+    f'torch: {torch_device}, torch {torch.__version__} ({torch.get_num_threads()} threads), '
+    f'diffusers {diffusers.__version__}; host {platform.processor() or platform.machine()}, '
+    f'{os.cpu_count()} CPUs'
+  )
 
   # Parity first: the per-sample loss of both implementations on the same weights and inputs.
   def per_sample(p, zh, z):
@@ -155,32 +170,44 @@ def main(argv: list[str] | None = None) -> None:
   vae = load_torch_twin(model, params, torch_device)
   zh_t, z_t = (torch.from_numpy(_nchw(x)).to(torch_device) for x in (z0_hat_np, z0_np))
   torch_stats, (torch_loss, torch_grad) = time_torch(TORCH_LOSSES[args.lpl], vae, zh_t, z_t, args.iters)
-  print(f'loss  JAX {np.array2string(np.asarray(jax_loss), precision=6)}  '
-        f'PyTorch {np.array2string(torch_loss, precision=6)}  max rel diff {rel_diff(jax_loss, torch_loss):.1e}')
+  print(
+    f'loss  JAX {np.array2string(np.asarray(jax_loss), precision=6)}  '
+    f'PyTorch {np.array2string(torch_loss, precision=6)}  max rel diff {rel_diff(jax_loss, torch_loss):.1e}'
+  )
 
   results = {}
   for remat, cfg in cfgs.items():
+
     def total(p, zh, z, cfg=cfg):
       return lpl.lpl_loss(lpl.make_features_fn(model, p, cfg), zh, z, cfg)[0].sum()
 
     results[remat], (value, grad) = time_jax(jax.value_and_grad(total, argnums=1), (params, z0_hat, z0), args.iters)
     results[remat]['saved'] = saved_activation_bytes(total, (params, z0_hat, z0))
-    print(f'remat={remat}: sum of loss rel diff {rel_diff(value, torch_loss.sum()):.1e}, '
-          f'grad max rel diff {rel_diff(_nchw(grad), torch_grad):.1e}')
+    print(
+      f'remat={remat}: sum of loss rel diff {rel_diff(value, torch_loss.sum()):.1e}, '
+      f'grad max rel diff {rel_diff(_nchw(grad), torch_grad):.1e}'
+    )
   results['torch'] = torch_stats
 
   header = f'{"impl":<22} {"compile s":>9} {"median ms":>10} {"GFLOP":>9} {"temp MiB":>9} {"resid MiB":>9}'
   print('\n' + header + '\n' + '-' * len(header))
-  for name, r in (('JAX remat=False', results[False]), ('JAX remat=True', results[True]),
-                  (f'PyTorch ({torch_device}, float32)', results['torch'])):
-    print(f'{name:<22} {fmt(r.get("compile_s"), 1, ".1f"):>9} {r["ms"]:>10.1f} {fmt(r.get("flops"), 1e9, ".2f"):>9} '
-          f'{fmt(r.get("temp"), MIB, ".1f"):>9} {fmt(r.get("saved"), MIB, ".1f"):>9}')
+  for name, r in (
+    ('JAX remat=False', results[False]),
+    ('JAX remat=True', results[True]),
+    (f'PyTorch ({torch_device}, float32)', results['torch']),
+  ):
+    print(
+      f'{name:<22} {fmt(r.get("compile_s"), 1, ".1f"):>9} {r["ms"]:>10.1f} {fmt(r.get("flops"), 1e9, ".2f"):>9} '
+      f'{fmt(r.get("temp"), MIB, ".1f"):>9} {fmt(r.get("saved"), MIB, ".1f"):>9}'
+    )
   print('\nPyTorch time / JAX time:')
   for remat in (False, True):
     print(f'  remat={str(remat):<5} {ratio(torch_stats["ms"], results[remat]["ms"])}')
   on, off = results[True], results[False]
-  print(f'\nremat / no-remat: time {ratio(on["ms"], off["ms"])}  FLOPs {ratio(on["flops"], off["flops"])}  '
-        f'temp memory {ratio(on["temp"], off["temp"])}  residuals {ratio(on["saved"], off["saved"])}')
+  print(
+    f'\nremat / no-remat: time {ratio(on["ms"], off["ms"])}  FLOPs {ratio(on["flops"], off["flops"])}  '
+    f'temp memory {ratio(on["temp"], off["temp"])}  residuals {ratio(on["saved"], off["saved"])}'
+  )
 
 
 if __name__ == '__main__':

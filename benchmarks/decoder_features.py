@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from lpl_jax import autoencoder as ae
 
-MIB = 2.0 ** 20
+MIB = 2.0**20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,9 +61,14 @@ def measure(fn, args: tuple, iters: int) -> dict[str, Any]:
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
   mem = compiled.memory_analysis()
-  return dict(compile_s=compile_s, ms=1e3 * statistics.median(times), flops=flops_of(compiled),
-              temp=getattr(mem, 'temp_size_in_bytes', None), arg=getattr(mem, 'argument_size_in_bytes', None),
-              out=getattr(mem, 'output_size_in_bytes', None))
+  return dict(
+    compile_s=compile_s,
+    ms=1e3 * statistics.median(times),
+    flops=flops_of(compiled),
+    temp=getattr(mem, 'temp_size_in_bytes', None),
+    arg=getattr(mem, 'argument_size_in_bytes', None),
+    out=getattr(mem, 'output_size_in_bytes', None),
+  )
 
 
 def saved_activation_bytes(fn, args: tuple) -> float | None:
@@ -79,8 +84,13 @@ def saved_activation_bytes(fn, args: tuple) -> float | None:
     from jax._src.ad_checkpoint import saved_residuals
   except ImportError:
     return None
-  return float(sum(aval.size * aval.dtype.itemsize for aval, source in saved_residuals(fn, *args)
-                   if not source.startswith('from the argument')))
+  return float(
+    sum(
+      aval.size * aval.dtype.itemsize
+      for aval, source in saved_residuals(fn, *args)
+      if not source.startswith('from the argument')
+    )
+  )
 
 
 def fmt(value: float | None, scale: float, spec: str) -> str:
@@ -97,8 +107,10 @@ def main(argv: list[str] | None = None) -> None:
   models = {remat: ae.from_preset(args.preset, dtype=dtype, remat=remat) for remat in (False, True)}
   cfg = models[False].config
   if args.resolution % cfg.downsample_factor:
-    raise ValueError(f'--resolution={args.resolution} is not a multiple of the downsampling factor '
-                     f'{cfg.downsample_factor} of preset {args.preset!r}.')
+    raise ValueError(
+      f'--resolution={args.resolution} is not a multiple of the downsampling factor '
+      f'{cfg.downsample_factor} of preset {args.preset!r}.'
+    )
   num_blocks = cfg.num_up_blocks if args.num_blocks is None else args.num_blocks
   side = args.resolution // cfg.downsample_factor
   key_params, key_z = jax.random.split(jax.random.key(args.seed))
@@ -107,15 +119,19 @@ def main(argv: list[str] | None = None) -> None:
   z = jax.random.normal(key_z, (args.batch, side, side, cfg.latent_channels), jnp.float32)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   shapes = jax.eval_shape(
-      lambda p, z: models[False].apply({'params': p}, z, num_blocks, method=models[False].decoder_features), params, z)
+    lambda p, z: models[False].apply({'params': p}, z, num_blocks, method=models[False].decoder_features), params, z
+  )
 
-  print(f'preset={args.preset} image={args.batch}x{args.resolution}x{args.resolution} latent={tuple(z.shape)} '
-        f'num_blocks={num_blocks} dtype={args.dtype} iters={args.iters} params={n_params / 1e6:.1f}M')
+  print(
+    f'preset={args.preset} image={args.batch}x{args.resolution}x{args.resolution} latent={tuple(z.shape)} '
+    f'num_blocks={num_blocks} dtype={args.dtype} iters={args.iters} params={n_params / 1e6:.1f}M'
+  )
   print(f'device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}')
   print('features: ' + ', '.join(str(tuple(s.shape)) for s in shapes))
 
   results = {}
   for remat, model in models.items():
+
     def features(p, z, model=model):
       return model.apply({'params': p}, z, num_blocks, method=model.decoder_features)
 
@@ -126,20 +142,26 @@ def main(argv: list[str] | None = None) -> None:
       results[name, remat] = measure(fn, (params, z), args.iters)
     results['fwd+bwd', remat]['saved'] = saved_activation_bytes(loss, (params, z))
 
-  header = f'{"function":<9} {"remat":<6} {"compile s":>9} {"median ms":>10} {"GFLOP":>9} {"temp MiB":>9} ' \
-           f'{"args MiB":>9} {"out MiB":>8} {"resid MiB":>9}'
+  header = (
+    f'{"function":<9} {"remat":<6} {"compile s":>9} {"median ms":>10} {"GFLOP":>9} {"temp MiB":>9} '
+    f'{"args MiB":>9} {"out MiB":>8} {"resid MiB":>9}'
+  )
   print('\n' + header + '\n' + '-' * len(header))
   for name, remat in sorted(results, key=lambda k: (k[0] != 'fwd', k[1])):
     r = results[name, remat]
-    print(f'{name:<9} {str(remat):<6} {r["compile_s"]:>9.1f} {r["ms"]:>10.1f} {fmt(r["flops"], 1e9, ".2f"):>9} '
-          f'{fmt(r["temp"], MIB, ".1f"):>9} {fmt(r["arg"], MIB, ".1f"):>9} {fmt(r["out"], MIB, ".1f"):>8} '
-          f'{fmt(r.get("saved"), MIB, ".1f"):>9}')
+    print(
+      f'{name:<9} {str(remat):<6} {r["compile_s"]:>9.1f} {r["ms"]:>10.1f} {fmt(r["flops"], 1e9, ".2f"):>9} '
+      f'{fmt(r["temp"], MIB, ".1f"):>9} {fmt(r["arg"], MIB, ".1f"):>9} {fmt(r["out"], MIB, ".1f"):>8} '
+      f'{fmt(r.get("saved"), MIB, ".1f"):>9}'
+    )
   print('\nremat / no-remat:')
   for name in ('fwd', 'fwd+bwd'):
     on, off = results[name, True], results[name, False]
-    print(f'  {name:<8} time {ratio(on["ms"], off["ms"])}  FLOPs {ratio(on["flops"], off["flops"])}  '
-          f'temp memory {ratio(on["temp"], off["temp"])}'
-          + (f'  saved activations {ratio(on["saved"], off["saved"])}' if name == 'fwd+bwd' else ''))
+    print(
+      f'  {name:<8} time {ratio(on["ms"], off["ms"])}  FLOPs {ratio(on["flops"], off["flops"])}  '
+      f'temp memory {ratio(on["temp"], off["temp"])}'
+      + (f'  saved activations {ratio(on["saved"], off["saved"])}' if name == 'fwd+bwd' else '')
+    )
 
 
 if __name__ == '__main__':

@@ -43,7 +43,7 @@ from lpl_jax import autoencoder as ae
 from lpl_jax import diffusion, lpl, train
 from lpl_jax.models import DiT, MMDiT_paper
 
-GIB = 2.0 ** 30
+GIB = 2.0**30
 TFLOP = 1e12
 # Accelerator memory sizes to check, in GiB: HBM comes in powers of two (a "32 GB" V100 or TPU v4 holds 32 GiB).
 CAPACITIES_GB = (16, 32, 95)
@@ -60,15 +60,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--resolutions', default='256,512', help='image sides in pixels, comma-separated')
   parser.add_argument('--ae', default='sdxl', choices=sorted(ae.PRESETS), help='autoencoder preset (part 1)')
   parser.add_argument('--depth', type=int, default=28, help='MMDiT blocks (28 = the paper model)')
-  parser.add_argument('--compile_depths', default='2,4', help='two MMDiT depths that are actually compiled; the '
-                      'numbers at --depth are extrapolated linearly from them (blocks are identical and unrolled). '
-                      'Give --compile_depths=28 to compile the full model (about 5 minutes per config on 2 cores)')
+  parser.add_argument(
+    '--compile_depths',
+    default='2,4',
+    help='two MMDiT depths that are actually compiled; the '
+    'numbers at --depth are extrapolated linearly from them (blocks are identical and unrolled). '
+    'Give --compile_depths=28 to compile the full model (about 5 minutes per config on 2 cores)',
+  )
   parser.add_argument('--batch', type=int, default=16, help='per-device batch')
   parser.add_argument('--devices', type=int, default=8, help='FSDP degree (simulated CPU devices, at most 8)')
-  parser.add_argument('--tau', type=float, default=None, help="noise-level threshold at 256 px (default: the 'paper' "
-                      'preset)')
-  parser.add_argument('--chunks', default='0,1,2', help='lpl_chunk values compiled at the largest resolution for the '
-                      'memory study (0 = all LPL rows at once, always compiled)')
+  parser.add_argument(
+    '--tau', type=float, default=None, help="noise-level threshold at 256 px (default: the 'paper' preset)"
+  )
+  parser.add_argument(
+    '--chunks',
+    default='0,1,2',
+    help='lpl_chunk values compiled at the largest resolution for the '
+    'memory study (0 = all LPL rows at once, always compiled)',
+  )
   parser.add_argument('--timing_side', type=int, default=8, help='latent side of the real-step timing (part 2)')
   parser.add_argument('--timing_iters', type=int, default=5, help='timed steps per config (part 2)')
   parser.add_argument('--no_timing', action='store_true', help='skip part 2')
@@ -88,16 +97,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Part 1: compiled step at paper scale from abstract inputs.
 
 
-def step_config(resolution: int, batch: int, *, lpl_on: bool, chunk: int, tau: float | None,
-                num_classes: int) -> train.StepConfig:
+def step_config(
+  resolution: int, batch: int, *, lpl_on: bool, chunk: int, tau: float | None, num_classes: int
+) -> train.StepConfig:
   form = diffusion.get_formulation('ddpm_eps')  # SD quadratic ("scaled_linear") schedule, as in the paper
   sampler = diffusion.TimestepSampler(num_timesteps=1000)
   lcfg, k = None, 0
   if lpl_on:
     lcfg = lpl.LPLConfig.from_preset('paper', **({} if tau is None else {'tau': tau}))
     k = sampler.split(form, lpl.noise_level_threshold(lcfg, resolution), batch)
-  return train.StepConfig(form, sampler, train.OptimConfig(ema_decay=0.99975 if lpl_on else 0.9999), lpl=lcfg,
-                          lpl_rows_per_group=k, lpl_chunk=chunk, null_class=num_classes)
+  return train.StepConfig(
+    form,
+    sampler,
+    train.OptimConfig(ema_decay=0.99975 if lpl_on else 0.9999),
+    lpl=lcfg,
+    lpl_rows_per_group=k,
+    lpl_chunk=chunk,
+    null_class=num_classes,
+  )
 
 
 def abstract_inputs(model: nn.Module, optimizer, mesh, *, side: int, batch: int, ae_model: ae.AutoencoderKL | None):
@@ -105,8 +122,10 @@ def abstract_inputs(model: nn.Module, optimizer, mesh, *, side: int, batch: int,
   x, t, y = jnp.zeros((1, side, side, 4)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
   state, shardings = train.abstract_state(lambda k: model.init(k, x, t, y)['params'], optimizer, mesh, fsdp=True)
   rows = train.batch_sharding(mesh)
-  data = {'latents': jax.ShapeDtypeStruct((batch * mesh.size, side, side, 4), jnp.float32, sharding=rows),
-          'labels': jax.ShapeDtypeStruct((batch * mesh.size,), jnp.int32, sharding=rows)}
+  data = {
+    'latents': jax.ShapeDtypeStruct((batch * mesh.size, side, side, 4), jnp.float32, sharding=rows),
+    'labels': jax.ShapeDtypeStruct((batch * mesh.size,), jnp.int32, sharding=rows),
+  }
   ae_params = {}
   if ae_model is not None:
     replicated = NamedSharding(mesh, P())
@@ -138,8 +157,9 @@ def memory_of(compiled: Any) -> dict[str, float]:
   workspace, and it is the CPU compiler's schedule and fusion, not a GPU's or TPU's.
   """
   m = compiled.memory_analysis()
-  out = dict(arg=m.argument_size_in_bytes, out=m.output_size_in_bytes, alias=m.alias_size_in_bytes,
-             temp=m.temp_size_in_bytes)
+  out = dict(
+    arg=m.argument_size_in_bytes, out=m.output_size_in_bytes, alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes
+  )
   out['peak'] = out['arg'] + out['out'] - out['alias'] + out['temp']
   return out
 
@@ -150,18 +170,29 @@ def compile_step(resolution: int, args, mesh, *, lpl_on: bool, chunk: int = 0, d
   ae_model = ae.from_preset(args.ae, dtype=jnp.bfloat16) if lpl_on else None  # remat comes from LPLConfig.remat
   cfg = step_config(resolution, args.batch, lpl_on=lpl_on, chunk=chunk, tau=args.tau, num_classes=1000)
   optimizer = train.make_optimizer(cfg.optim)
-  state, shardings, data, ae_params = abstract_inputs(model, optimizer, mesh, side=side, batch=args.batch,
-                                                      ae_model=ae_model)
+  state, shardings, data, ae_params = abstract_inputs(
+    model, optimizer, mesh, side=side, batch=args.batch, ae_model=ae_model
+  )
   step = train.jit_train_step(shardings, mesh, model=model, optimizer=optimizer, cfg=cfg, ae_model=ae_model)
   start = time.perf_counter()
   compiled = step.lower(state, data, ae_params).compile(compiler_options=ANALYSIS_ONLY)
   seconds = time.perf_counter() - start
-  print(f'  compiled {resolution} px depth {depth} {"LPL lpl_chunk=" + str(chunk) if lpl_on else "w/o LPL"} in '
-        f'{seconds:.0f} s',
-        flush=True)
+  print(
+    f'  compiled {resolution} px depth {depth} {"LPL lpl_chunk=" + str(chunk) if lpl_on else "w/o LPL"} in '
+    f'{seconds:.0f} s',
+    flush=True,
+  )
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  return dict(compiled=compiled, compile_s=seconds, flops=flops_of(compiled), mem=memory_of(compiled),
-              loops=while_loops(compiled), k=cfg.lpl_rows_per_group, params=n_params, cfg=cfg)
+  return dict(
+    compiled=compiled,
+    compile_s=seconds,
+    flops=flops_of(compiled),
+    mem=memory_of(compiled),
+    loops=while_loops(compiled),
+    k=cfg.lpl_rows_per_group,
+    params=n_params,
+    cfg=cfg,
+  )
 
 
 def compile_lpl_piece(resolution: int, args, k: int, *, grad: bool) -> dict[str, Any]:
@@ -189,9 +220,13 @@ def extrapolate(results: dict[int, dict[str, Any]], lo: int, hi: int, depth: int
   a, b = results[lo], results[hi]
   w = (depth - lo) / (hi - lo)
   line = lambda x, y: x + w * (y - x)
-  return dict(b, flops=line(a['flops'], b['flops']), params=line(a['params'], b['params']),
-              mem={key: line(a['mem'][key], b['mem'][key]) for key in b['mem']},
-              compile_s=a['compile_s'] + b['compile_s'])
+  return dict(
+    b,
+    flops=line(a['flops'], b['flops']),
+    params=line(a['params'], b['params']),
+    mem={key: line(a['mem'][key], b['mem'][key]) for key in b['mem']},
+    compile_s=a['compile_s'] + b['compile_s'],
+  )
 
 
 def fits(peak: float) -> str:
@@ -199,13 +234,18 @@ def fits(peak: float) -> str:
 
 
 def paper_scale(args) -> dict[int, dict[str, Any]]:
-  mesh = train.make_mesh(1, args.devices, devices=jax.devices()[:args.devices])
-  how = ('compiled' if args.depth in args.compile_depths else
-         f'extrapolated linearly from depths {args.compile_depths[0]} and {args.compile_depths[-1]}')
-  print(f'== Part 1: compiled step, MMDiT depth {args.depth} ({how}) width 1536 patch 2 (bf16 compute, f32 params, '
-        'remat), '
-        f'autoencoder {args.ae!r} (bf16, decoder remat), per-device batch {args.batch}, FSDP over {mesh.size} '
-        f'simulated devices (global batch {args.batch * mesh.size}), DDPM-eps, uniform t, LPL preset "paper"')
+  mesh = train.make_mesh(1, args.devices, devices=jax.devices()[: args.devices])
+  how = (
+    'compiled'
+    if args.depth in args.compile_depths
+    else f'extrapolated linearly from depths {args.compile_depths[0]} and {args.compile_depths[-1]}'
+  )
+  print(
+    f'== Part 1: compiled step, MMDiT depth {args.depth} ({how}) width 1536 patch 2 (bf16 compute, f32 params, '
+    'remat), '
+    f'autoencoder {args.ae!r} (bf16, decoder remat), per-device batch {args.batch}, FSDP over {mesh.size} '
+    f'simulated devices (global batch {args.batch * mesh.size}), DDPM-eps, uniform t, LPL preset "paper"'
+  )
   results = {}
   for res in args.resolutions:
     r = results[res] = {}
@@ -217,30 +257,41 @@ def paper_scale(args) -> dict[int, dict[str, Any]]:
       # LPL adds the same work and buffers at any depth (it sees only z0_hat): add its increment at the compiled
       # depth to the extrapolated w/o-LPL step.
       on = compile_step(res, args, mesh, lpl_on=True, chunk=chunk, depth=hi)
-      r[chunk] = dict(on, flops=r['off']['flops'] + on['flops'] - offs[hi]['flops'],
-                      mem={key: r['off']['mem'][key] + on['mem'][key] - offs[hi]['mem'][key] for key in on['mem']},
-                      compile_s=on['compile_s'])
+      r[chunk] = dict(
+        on,
+        flops=r['off']['flops'] + on['flops'] - offs[hi]['flops'],
+        mem={key: r['off']['mem'][key] + on['mem'][key] - offs[hi]['mem'][key] for key in on['mem']},
+        compile_s=on['compile_s'],
+      )
     k = r[0]['k']
     r['piece'] = compile_lpl_piece(res, args, k, grad=True)
     r['piece_fwd'] = compile_lpl_piece(res, args, k, grad=False)
     lcfg = r[0]['cfg'].lpl
-    print(f'\n-- {res} px: latents {res // 8}x{res // 8}x4, tau {lcfg.tau} at 256 px -> threshold '
-          f'{lpl.noise_level_threshold(lcfg, res):g} at {res} px, K = {k} of {args.batch} rows per device below it; '
-          f'denoiser {r["off"]["params"] / 1e9:.3f}B params')
-    header = (f'{"config":<22} {"compile s":>9} {"TFLOP/dev":>10} {"TFLOP tot":>10} {"args GiB":>9} {"out GiB":>8} '
-              f'{"alias GiB":>9} {"temp GiB":>9} {"peak GiB":>9}  {"while loops (trip counts)":<26} fits')
+    print(
+      f'\n-- {res} px: latents {res // 8}x{res // 8}x4, tau {lcfg.tau} at 256 px -> threshold '
+      f'{lpl.noise_level_threshold(lcfg, res):g} at {res} px, K = {k} of {args.batch} rows per device below it; '
+      f'denoiser {r["off"]["params"] / 1e9:.3f}B params'
+    )
+    header = (
+      f'{"config":<22} {"compile s":>9} {"TFLOP/dev":>10} {"TFLOP tot":>10} {"args GiB":>9} {"out GiB":>8} '
+      f'{"alias GiB":>9} {"temp GiB":>9} {"peak GiB":>9}  {"while loops (trip counts)":<26} fits'
+    )
     print(header + '\n' + '-' * len(header))
     rows = [('w/o LPL', r['off'])] + [(f'LPL lpl_chunk={c or "0 (all K)"}', r[c]) for c in chunks]
     for name, x in rows:
       m = x['mem']
-      print(f'{name:<22} {x["compile_s"]:>9.1f} {fmt(x["flops"], TFLOP, ".2f"):>10} '
-            f'{fmt(x["flops"] * mesh.size, TFLOP, ".1f"):>10} {m["arg"] / GIB:>9.2f} {m["out"] / GIB:>8.2f} '
-            f'{m["alias"] / GIB:>9.2f} {m["temp"] / GIB:>9.2f} {m["peak"] / GIB:>9.2f}  '
-            f'{(",".join(x["loops"]) or "none"):<26} {fits(m["peak"])}')
+      print(
+        f'{name:<22} {x["compile_s"]:>9.1f} {fmt(x["flops"], TFLOP, ".2f"):>10} '
+        f'{fmt(x["flops"] * mesh.size, TFLOP, ".1f"):>10} {m["arg"] / GIB:>9.2f} {m["out"] / GIB:>8.2f} '
+        f'{m["alias"] / GIB:>9.2f} {m["temp"] / GIB:>9.2f} {m["peak"] / GIB:>9.2f}  '
+        f'{(",".join(x["loops"]) or "none"):<26} {fits(m["peak"])}'
+      )
     for name, key in (('LPL piece fwd+bwd (K rows, 1 dev)', 'piece'), ('LPL piece fwd only', 'piece_fwd')):
       x = r[key]
-      print(f'{name:<34} compile {x["compile_s"]:.1f} s, {fmt(x["flops"], TFLOP, ".3f")} TFLOP, loops '
-            f'{",".join(x["loops"]) or "none"}')
+      print(
+        f'{name:<34} compile {x["compile_s"]:.1f} s, {fmt(x["flops"], TFLOP, ".3f")} TFLOP, loops '
+        f'{",".join(x["loops"]) or "none"}'
+      )
     report_resolution(r, args, chunks, mesh.size)
   return results
 
@@ -251,29 +302,39 @@ def report_resolution(r: dict[str, Any], args, chunks: list[int], n_dev: int) ->
   ideal = (f_off + f_piece) / f_off
   measured = f_on / f_off
   extra = f_on - f_off - f_piece
-  print(f'FLOPs: LPL / w/o LPL = {measured:.3f}x (lpl_chunk=0: the LPL map has one iteration, so the count is '
-        f'exact); ideal (w/o LPL + K/B of the LPL term\'s fwd+bwd, nothing on rows above the threshold) = '
-        f'{ideal:.3f}x; measured is {100 * (measured / ideal - 1):+.1f}% from ideal.')
-  print(f'  the step spends {extra / TFLOP:.2f} TFLOP/device beyond w/o LPL + piece; one forward of the LPL term '
-        f'(both decoder branches, K rows) is {f_fwd / TFLOP:.2f} TFLOP: ratio {extra / f_fwd:.2f}')
+  print(
+    f'FLOPs: LPL / w/o LPL = {measured:.3f}x (lpl_chunk=0: the LPL map has one iteration, so the count is '
+    f"exact); ideal (w/o LPL + K/B of the LPL term's fwd+bwd, nothing on rows above the threshold) = "
+    f'{ideal:.3f}x; measured is {100 * (measured / ideal - 1):+.1f}% from ideal.'
+  )
+  print(
+    f'  the step spends {extra / TFLOP:.2f} TFLOP/device beyond w/o LPL + piece; one forward of the LPL term '
+    f'(both decoder branches, K rows) is {f_fwd / TFLOP:.2f} TFLOP: ratio {extra / f_fwd:.2f}'
+  )
   for c in chunks:
     if not c:
       continue
     x = r[c]
     n = on['k'] // c
     corrected = f_off + n * (x['flops'] - f_off)
-    print(f'  lpl_chunk={c}: XLA counts {x["flops"] / TFLOP:.2f} TFLOP/device, but the LPL runs in while loops of '
-          f'{n} iterations counted once; {n} x the loop part gives {corrected / TFLOP:.2f} TFLOP '
-          f'({corrected / f_on:.3f}x the lpl_chunk=0 count)')
-  print(f'Memory: peak per device LPL / w/o LPL = {on["mem"]["peak"] / off["mem"]["peak"]:.2f}x (lpl_chunk=0)'
-        + ''.join(f', {r[c]["mem"]["peak"] / off["mem"]["peak"]:.2f}x (lpl_chunk={c})' for c in chunks if c))
+    print(
+      f'  lpl_chunk={c}: XLA counts {x["flops"] / TFLOP:.2f} TFLOP/device, but the LPL runs in while loops of '
+      f'{n} iterations counted once; {n} x the loop part gives {corrected / TFLOP:.2f} TFLOP '
+      f'({corrected / f_on:.3f}x the lpl_chunk=0 count)'
+    )
+  print(
+    f'Memory: peak per device LPL / w/o LPL = {on["mem"]["peak"] / off["mem"]["peak"]:.2f}x (lpl_chunk=0)'
+    + ''.join(f', {r[c]["mem"]["peak"] / off["mem"]["peak"]:.2f}x (lpl_chunk={c})' for c in chunks if c)
+  )
   # Where it goes: the extra temp memory per row that the decoder works on at once (all K rows, or one chunk).
   for c in chunks:
     rows = c or on['k']
-    print(f'  lpl_chunk={c}: temp {r[c]["mem"]["temp"] / GIB:.2f} GiB = w/o LPL {off["mem"]["temp"] / GIB:.2f} + '
-          f'{(r[c]["mem"]["temp"] - off["mem"]["temp"]) / GIB:.2f} GiB for {rows} rows decoded at once '
-          f'({(r[c]["mem"]["temp"] - off["mem"]["temp"]) / rows / GIB:.2f} GiB/row); args +'
-          f'{(r[c]["mem"]["arg"] - off["mem"]["arg"]) / GIB:.2f} GiB (autoencoder decoder params, replicated)')
+    print(
+      f'  lpl_chunk={c}: temp {r[c]["mem"]["temp"] / GIB:.2f} GiB = w/o LPL {off["mem"]["temp"] / GIB:.2f} + '
+      f'{(r[c]["mem"]["temp"] - off["mem"]["temp"]) / GIB:.2f} GiB for {rows} rows decoded at once '
+      f'({(r[c]["mem"]["temp"] - off["mem"]["temp"]) / rows / GIB:.2f} GiB/row); args +'
+      f'{(r[c]["mem"]["arg"] - off["mem"]["arg"]) / GIB:.2f} GiB (autoencoder decoder params, replicated)'
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -287,30 +348,37 @@ def cpu_timing(args) -> float:
   ae_model = ae.from_preset('tiny')
   ae_params = jax.jit(lambda k: ae.init_params(ae_model, k))(jax.random.key(9))
   mesh = train.make_mesh(1, 1, devices=jax.devices()[:1])
-  data = {'latents': jax.random.normal(jax.random.key(1), (batch, side, side, 4)),
-          'labels': jnp.arange(batch, dtype=jnp.int32) % classes}
+  data = {
+    'latents': jax.random.normal(jax.random.key(1), (batch, side, side, 4)),
+    'labels': jnp.arange(batch, dtype=jnp.int32) % classes,
+  }
   steps, states, flops = {}, {}, {}
   dummy = jnp.zeros((1, side, side, 4)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
 
   def init_params(key):
     return model.init(key, *dummy)['params']
 
-  print(f'\n== Part 2: real steps on CPU (1 device): DiT hidden 256 depth 6 patch 2, autoencoder "tiny" (decoder '
-        f'remat), latents {batch}x{side}x{side}x4 ({side * 8} px), float32, lpl_chunk=0')
+  print(
+    f'\n== Part 2: real steps on CPU (1 device): DiT hidden 256 depth 6 patch 2, autoencoder "tiny" (decoder '
+    f'remat), latents {batch}x{side}x{side}x4 ({side * 8} px), float32, lpl_chunk=0'
+  )
   for name, lpl_on in (('w/o LPL', False), ('LPL', True)):
     cfg = step_config(side * 8, batch, lpl_on=lpl_on, chunk=0, tau=args.tau, num_classes=classes)
     optimizer = train.make_optimizer(cfg.optim)
     state, shardings = train.init_state(init_params, optimizer, jax.random.key(0), mesh, fsdp=False)
-    step = train.jit_train_step(shardings, mesh, model=model, optimizer=optimizer, cfg=cfg,
-                                ae_model=ae_model if lpl_on else None)
+    step = train.jit_train_step(
+      shardings, mesh, model=model, optimizer=optimizer, cfg=cfg, ae_model=ae_model if lpl_on else None
+    )
     start = time.perf_counter()
     compiled = step.lower(state, data, ae_params if lpl_on else {}).compile()
     state, metrics = compiled(state, data, ae_params if lpl_on else {})
     jax.block_until_ready(metrics)
     flops[name] = flops_of(compiled)
-    print(f'  {name}: K = {cfg.lpl_rows_per_group} of {batch} rows, compile + first step '
-          f'{time.perf_counter() - start:.1f} s, '
-          f'{fmt(flops[name], 1e9, ".1f")} GFLOP/step')
+    print(
+      f'  {name}: K = {cfg.lpl_rows_per_group} of {batch} rows, compile + first step '
+      f'{time.perf_counter() - start:.1f} s, '
+      f'{fmt(flops[name], 1e9, ".1f")} GFLOP/step'
+    )
     steps[name], states[name] = compiled, state
   times = {name: [] for name in steps}
   for _ in range(args.timing_iters):  # alternate so that load from other processes hits both alike
@@ -323,40 +391,54 @@ def cpu_timing(args) -> float:
   for name, v in times.items():
     print(f'  {name:<8} median {ms[name]:8.1f} ms over {len(v)} steps (min {1e3 * min(v):.1f}, max {1e3 * max(v):.1f})')
   step_ratio = ms['LPL'] / ms['w/o LPL']
-  print(f'  step time LPL / w/o LPL = {step_ratio:.2f}x (throughput -{100 * (1 - 1 / step_ratio):.0f}%), XLA FLOPs '
-        f'ratio of the same two steps {ratio(flops["LPL"], flops["w/o LPL"])}; paper, asymmetric AE at 512 px on '
-        f'GPUs: throughput -{100 * PAPER["throughput_drop"]:.0f}%')
+  print(
+    f'  step time LPL / w/o LPL = {step_ratio:.2f}x (throughput -{100 * (1 - 1 / step_ratio):.0f}%), XLA FLOPs '
+    f'ratio of the same two steps {ratio(flops["LPL"], flops["w/o LPL"])}; paper, asymmetric AE at 512 px on '
+    f'GPUs: throughput -{100 * PAPER["throughput_drop"]:.0f}%'
+  )
   return step_ratio
 
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  print(f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices; XLA cost and memory '
-        'analysis of the CPU compiler (FLOPs and memory are per device of the SPMD program)')
+  print(
+    f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices; XLA cost and memory '
+    'analysis of the CPU compiler (FLOPs and memory are per device of the SPMD program)'
+  )
   results = paper_scale(args)
   largest = max(args.resolutions)
   r = results[largest]
   flops_ratio = r[0]['flops'] / r['off']['flops']
   mem_ratio = r[0]['mem']['peak'] / r['off']['mem']['peak']
   best_chunk = min(args.chunks, key=lambda c: r[c]['mem']['peak'])
-  print(f'\n== Summary at {largest} px (paper anchors: FLOPs/iteration {PAPER["flops_ratio_512"]:.2f}x at 512 px, '
-        f'GPU memory {PAPER["mem_no_lpl"]}% -> {PAPER["mem_lpl"]}% of 80 GB = '
-        f'{PAPER["mem_lpl"] / PAPER["mem_no_lpl"]:.2f}x, throughput -{100 * PAPER["throughput_drop"]:.0f}%)')
+  print(
+    f'\n== Summary at {largest} px (paper anchors: FLOPs/iteration {PAPER["flops_ratio_512"]:.2f}x at 512 px, '
+    f'GPU memory {PAPER["mem_no_lpl"]}% -> {PAPER["mem_lpl"]}% of 80 GB = '
+    f'{PAPER["mem_lpl"] / PAPER["mem_no_lpl"]:.2f}x, throughput -{100 * PAPER["throughput_drop"]:.0f}%)'
+  )
   ideal = (r['off']['flops'] + r['piece']['flops']) / r['off']['flops']
-  print(f'  FLOPs ratio {flops_ratio:.3f}x vs ideal {ideal:.3f}x: '
-        f'{"met" if abs(flops_ratio / ideal - 1) <= 0.05 else "MISSED"} (target: within 5%)')
+  print(
+    f'  FLOPs ratio {flops_ratio:.3f}x vs ideal {ideal:.3f}x: '
+    f'{"met" if abs(flops_ratio / ideal - 1) <= 0.05 else "MISSED"} (target: within 5%)'
+  )
   best_ratio = r[best_chunk]['mem']['peak'] / r['off']['mem']['peak']
-  print(f'  peak memory ratio {mem_ratio:.2f}x at lpl_chunk=0: {"met" if mem_ratio <= 1.2 else "MISSED"}; '
-        f'{best_ratio:.2f}x at lpl_chunk={best_chunk}: {"met" if best_ratio <= 1.2 else "MISSED"} (target: <= 1.2x)')
+  print(
+    f'  peak memory ratio {mem_ratio:.2f}x at lpl_chunk=0: {"met" if mem_ratio <= 1.2 else "MISSED"}; '
+    f'{best_ratio:.2f}x at lpl_chunk={best_chunk}: {"met" if best_ratio <= 1.2 else "MISSED"} (target: <= 1.2x)'
+  )
   peak, best_peak = r[0]['mem']['peak'], r[best_chunk]['mem']['peak']
   fits_32 = best_peak <= 32 * GIB
-  print(f'  LPL step peak per device {peak / GIB:.1f} GiB at lpl_chunk=0 ({fits(peak)}), {best_peak / GIB:.1f} GiB '
-        f'at lpl_chunk={best_chunk} ({fits(best_peak)}); w/o LPL {r["off"]["mem"]["peak"] / GIB:.1f} GiB: fits 32 GiB '
-        f'{"met" if fits_32 else "MISSED"} at lpl_chunk={best_chunk} (the paper configs\' setting is lpl_chunk=1)')
-  print(f'  (the machine-readable line reports lpl_chunk={best_chunk}; memory is the CPU compiler\'s plan)')
+  print(
+    f'  LPL step peak per device {peak / GIB:.1f} GiB at lpl_chunk=0 ({fits(peak)}), {best_peak / GIB:.1f} GiB '
+    f'at lpl_chunk={best_chunk} ({fits(best_peak)}); w/o LPL {r["off"]["mem"]["peak"] / GIB:.1f} GiB: fits 32 GiB '
+    f"{'met' if fits_32 else 'MISSED'} at lpl_chunk={best_chunk} (the paper configs' setting is lpl_chunk=1)"
+  )
+  print(f"  (the machine-readable line reports lpl_chunk={best_chunk}; memory is the CPU compiler's plan)")
   step_ratio = float('nan') if args.no_timing else cpu_timing(args)
-  print(f'flops_ratio_{largest}={flops_ratio:.3f} mem_ratio_{largest}={best_ratio:.3f} '
-        f'fits_32gb_{largest}={"yes" if fits_32 else "no"} step_time_ratio_cpu={step_ratio:.3f}')
+  print(
+    f'flops_ratio_{largest}={flops_ratio:.3f} mem_ratio_{largest}={best_ratio:.3f} '
+    f'fits_32gb_{largest}={"yes" if fits_32 else "no"} step_time_ratio_cpu={step_ratio:.3f}'
+  )
 
 
 if __name__ == '__main__':

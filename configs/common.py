@@ -29,43 +29,100 @@ def base() -> ml_collections.ConfigDict:
   c.num_sample_images = 16
   c.progress = True
 
-  c.data = ml_collections.ConfigDict(dict(
+  c.data = ml_collections.ConfigDict(
+    dict(
       source='embedded',  # 'embedded' | 'folder:PATH' | 'tfds:NAME' | 'cache:PATH' (latents from lpl_jax.encode)
-      split='train', data_dir='', resolution=256, global_batch=256, shuffle=True, random_flip=True,
-      random_crop=False, num_samples=0, worker_count=0, prefetch=4,
+      split='train',
+      data_dir='',
+      resolution=256,
+      global_batch=256,
+      shuffle=True,
+      random_flip=True,
+      random_crop=False,
+      num_samples=0,
+      worker_count=0,
+      prefetch=4,
       latent_sampling='sample',  # images and caches with std: 'sample' z ~ posterior, or 'mean'
-  ))
-  c.autoencoder = ml_collections.ConfigDict(dict(
+    )
+  )
+  c.autoencoder = ml_collections.ConfigDict(
+    dict(
       preset='sd1',  # the architecture when `weights` is empty (random weights: only with allow_random_weights)
       weights='',  # a diffusers-format folder (config.json + diffusion_pytorch_model.safetensors)
-      dtype='float32', allow_random_weights=False,
-  ))
-  c.model = ml_collections.ConfigDict(dict(
-      kind='mmdit', patch_size=2, hidden_size=1536, depth=28, num_heads=24, mlp_ratio=4.0, num_classes=1000,
-      context_dim=0, context_len=0, pooled_dim=0,  # context_dim > 0: text-conditional (cached text embeddings)
-      qk_norm=False, dtype='bfloat16', remat=True,
-  ))
-  c.diffusion = ml_collections.ConfigDict(dict(
-      formulation='ddpm_eps', schedule='scaled_linear', beta_start=0.00085, beta_end=0.012, zero_terminal_snr=False,
-      timesteps='uniform', logit_mean=0.0, logit_std=1.0, mode_scale=1.29, shift=1.0,
-  ))
+      dtype='float32',
+      allow_random_weights=False,
+    )
+  )
+  c.model = ml_collections.ConfigDict(
+    dict(
+      kind='mmdit',
+      patch_size=2,
+      hidden_size=1536,
+      depth=28,
+      num_heads=24,
+      mlp_ratio=4.0,
+      num_classes=1000,
+      context_dim=0,
+      context_len=0,
+      pooled_dim=0,  # context_dim > 0: text-conditional (cached text embeddings)
+      qk_norm=False,
+      dtype='bfloat16',
+      remat=True,
+    )
+  )
+  c.diffusion = ml_collections.ConfigDict(
+    dict(
+      formulation='ddpm_eps',
+      schedule='scaled_linear',
+      beta_start=0.00085,
+      beta_end=0.012,
+      zero_terminal_snr=False,
+      timesteps='uniform',
+      logit_mean=0.0,
+      logit_std=1.0,
+      mode_scale=1.29,
+      shift=1.0,
+    )
+  )
   o = OptimConfig()
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=o.lr, warmup_steps=o.warmup_steps, decay_steps=o.decay_steps, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-      eps=o.eps, grad_clip=o.grad_clip, ema_decay=o.ema_decay, ema_warmup=o.ema_warmup,
-  ))
-  c.lpl = ml_collections.ConfigDict(dict(
-      enabled=False, preset='paper', weight=3.0, tau=5.0, start_step=0, chunk=0, normalize='batch', groups=0,
-      remat=True, num_blocks=4,
-  ))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      lr=o.lr,
+      warmup_steps=o.warmup_steps,
+      decay_steps=o.decay_steps,
+      weight_decay=o.weight_decay,
+      b1=o.b1,
+      b2=o.b2,
+      eps=o.eps,
+      grad_clip=o.grad_clip,
+      ema_decay=o.ema_decay,
+      ema_warmup=o.ema_warmup,
+    )
+  )
+  c.lpl = ml_collections.ConfigDict(
+    dict(
+      enabled=False,
+      preset='paper',
+      weight=3.0,
+      tau=5.0,
+      start_step=0,
+      chunk=0,
+      normalize='batch',
+      groups=0,
+      remat=True,
+      num_blocks=4,
+    )
+  )
   c.step = ml_collections.ConfigDict(dict(label_dropout=0.1, accum_steps=1))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_params=False))
-  c.init = ml_collections.ConfigDict(dict(
+  c.init = ml_collections.ConfigDict(
+    dict(
       checkpoint='',  # post-training: a pre-training workdir (or its checkpoints/ folder) to start from
       step=-1,  # -1: its latest checkpoint
       keep_optimizer=False,  # also take its optimizer state (else fresh); params and EMA are always taken
       required=False,  # post-training configs set it: starting without init.checkpoint is then an error
-  ))
+    )
+  )
   c.sample = ml_collections.ConfigDict(dict(sampler='ddim', steps=50, guidance=1.5, eta=0.0, use_ema=True))
   return c
 
@@ -84,8 +141,10 @@ def parse_variant(arg: str | None, *, phase: str, res: int) -> dict:
     elif token in FORMULATIONS:
       out['formulation'] = token
     else:
-      raise ValueError(f'unknown config variant token {token!r} in {arg!r}; expected pretrain[<res>], post[<res>], '
-                       'lpl, eps, v or flow.')
+      raise ValueError(
+        f'unknown config variant token {token!r} in {arg!r}; expected pretrain[<res>], post[<res>], '
+        'lpl, eps, v or flow.'
+      )
   if out['phase'] == 'pretrain' and out['lpl']:
     raise ValueError('pre-training runs without LPL (use post,lpl).')
   return out
@@ -108,8 +167,10 @@ def paper(v: dict) -> ml_collections.ConfigDict:
   """The paper's recipe for a parsed variant `v`; the config files add their data and conditioning. Which values
   the paper states and which were chosen here: see the docstrings of imagenet.py and cc12m.py."""
   if (v['phase'], v['res']) not in PAPER_STEPS:
-    raise ValueError(f"no paper run for phase {v['phase']!r} at {v['res']} px: pre-training is at 256 px, "
-                     'post-training at 256 or 512 px.')
+    raise ValueError(
+      f'no paper run for phase {v["phase"]!r} at {v["res"]} px: pre-training is at 256 px, '
+      'post-training at 256 or 512 px.'
+    )
   c = base()
   c.total_steps = PAPER_STEPS[v['phase'], v['res']]
   c.log_every = 100

@@ -24,8 +24,9 @@ ImageNet crop (centred square, horizontal flips).
 from configs import common
 
 VARIANTS = tuple(
-    [f'pretrain256{f}' for f in ('', ',v', ',flow')]
-    + [f'post{res}{lpl}{f}' for res in (256, 512) for lpl in ('', ',lpl') for f in ('', ',v', ',flow')])
+  [f'pretrain256{f}' for f in ('', ',v', ',flow')]
+  + [f'post{res}{lpl}{f}' for res in (256, 512) for lpl in ('', ',lpl') for f in ('', ',v', ',flow')]
+)
 
 
 def get_config(arg=None):

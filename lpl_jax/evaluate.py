@@ -19,21 +19,30 @@ from absl import app, flags
 from lpl_jax import eval as lpl_eval
 from lpl_jax.cli import USER_ERRORS, parse_flags_or_exit, run_or_exit
 
-_SAMPLES = flags.DEFINE_string('samples', None, 'ADM-layout .npz of generated images (arr_0 uint8 [N,H,W,3]).',
-                               required=True)
-_REF = flags.DEFINE_string('ref', None, 'Reference batch .npz (arr_0, optional mu/sigma) or mu/sigma statistics.',
-                           required=True)
-_INCEPTION = flags.DEFINE_string('inception', None, 'pytorch-fid Inception weights (.pth, or .npz/.safetensors).',
-                                 required=True)
+_SAMPLES = flags.DEFINE_string(
+  'samples', None, 'ADM-layout .npz of generated images (arr_0 uint8 [N,H,W,3]).', required=True
+)
+_REF = flags.DEFINE_string(
+  'ref', None, 'Reference batch .npz (arr_0, optional mu/sigma) or mu/sigma statistics.', required=True
+)
+_INCEPTION = flags.DEFINE_string(
+  'inception', None, 'pytorch-fid Inception weights (.pth, or .npz/.safetensors).', required=True
+)
 _OUT = flags.DEFINE_string('out', None, 'Write the metrics as JSON here.')
 _BATCH = flags.DEFINE_integer('batch_size', 50, 'Images per Inception batch (all devices together).')
 _K_PR = flags.DEFINE_integer('nearest_k_pr', lpl_eval.PR_NEAREST_K, 'k of precision and recall.')
 _K_DC = flags.DEFINE_integer('nearest_k_dc', lpl_eval.DC_NEAREST_K, 'k of density and coverage.')
-_REF_STATS = flags.DEFINE_enum('ref_stats', 'computed', ['computed', 'stored'], "FID reference statistics when --ref "
-                               "has both images and mu/sigma: 'computed' from its images with this Inception, or "
-                               "'stored' (e.g. the ADM batch's, from ADM's TF evaluator).")
-_REF_CACHE = flags.DEFINE_string('ref_cache', None, 'Cache of the reference features (.npz with features, mu, '
-                                 'sigma); written if missing.')
+_REF_STATS = flags.DEFINE_enum(
+  'ref_stats',
+  'computed',
+  ['computed', 'stored'],
+  'FID reference statistics when --ref '
+  "has both images and mu/sigma: 'computed' from its images with this Inception, or "
+  "'stored' (e.g. the ADM batch's, from ADM's TF evaluator).",
+)
+_REF_CACHE = flags.DEFINE_string(
+  'ref_cache', None, 'Cache of the reference features (.npz with features, mu, sigma); written if missing.'
+)
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars (--noprogress: none).')
 
 
@@ -41,10 +50,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   # ImportError: a torch .pth weights file without torch installed (the message says how to convert it).
-  metrics = run_or_exit(lambda: lpl_eval.evaluate_samples(
-      _SAMPLES.value, _REF.value, _INCEPTION.value, batch_size=_BATCH.value, nearest_k_pr=_K_PR.value,
-      nearest_k_dc=_K_DC.value, ref_stats=_REF_STATS.value, ref_cache=_REF_CACHE.value, progress=_PROGRESS.value,
-      out=_OUT.value), USER_ERRORS + (ValueError, ImportError))
+  metrics = run_or_exit(
+    lambda: lpl_eval.evaluate_samples(
+      _SAMPLES.value,
+      _REF.value,
+      _INCEPTION.value,
+      batch_size=_BATCH.value,
+      nearest_k_pr=_K_PR.value,
+      nearest_k_dc=_K_DC.value,
+      ref_stats=_REF_STATS.value,
+      ref_cache=_REF_CACHE.value,
+      progress=_PROGRESS.value,
+      out=_OUT.value,
+    ),
+    USER_ERRORS + (ValueError, ImportError),
+  )
   if metrics['num_reference'] is None:
     print('reference has no images: precision/recall/density/coverage need reference features (null).')
   for name in ('fid', 'precision', 'recall', 'density', 'coverage'):

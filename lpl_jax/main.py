@@ -16,8 +16,9 @@ from lpl_jax.cli import parse_flags_or_exit, run_or_exit, setup_logging
 from lpl_jax.train import loop
 from lpl_jax.train.config import Experiment
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally with a variant: file.py:variant.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Config file, optionally with a variant: file.py:variant.', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go.', required=True)
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (multi-host runs).')
 

@@ -41,17 +41,27 @@ def sample() -> None:
   overrides = {'sampler': _SAMPLER.value, 'steps': _STEPS.value, 'guidance': _CFG.value, 'eta': _ETA.value}
   exp = exp.replace(sample={k: v for k, v in overrides.items() if v is not None})
   validate(exp, check_files=False)
-  images, ys, step = build.samples_from_run(exp, _WORKDIR.value, num=_NUM.value, batch_size=_BATCH.value,
-                                            seed=_SEED.value, labels=_LABELS.value, step=_STEP.value, ema=_EMA.value,
-                                            progress=_PROGRESS.value and jax.process_index() == 0)
+  images, ys, step = build.samples_from_run(
+    exp,
+    _WORKDIR.value,
+    num=_NUM.value,
+    batch_size=_BATCH.value,
+    seed=_SEED.value,
+    labels=_LABELS.value,
+    step=_STEP.value,
+    ema=_EMA.value,
+    progress=_PROGRESS.value and jax.process_index() == 0,
+  )
   out = _OUT.value or os.path.join(_WORKDIR.value, f'samples_{step}')
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
     arrays = {'arr_0': images} if ys is None else {'arr_0': images, 'arr_1': ys}
     np.savez(os.path.join(out, 'samples.npz'), **arrays)
     save_grid(images[:64], os.path.join(out, 'grid.png'))
-    print(f'{len(images)} samples of step {step} ({"EMA" if _EMA.value else "raw"} params) -> {out}/samples.npz, '
-          f'{out}/grid.png')
+    print(
+      f'{len(images)} samples of step {step} ({"EMA" if _EMA.value else "raw"} params) -> {out}/samples.npz, '
+      f'{out}/grid.png'
+    )
 
 
 def main(argv):

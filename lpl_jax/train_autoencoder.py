@@ -29,12 +29,19 @@ from lpl_jax.train.autoencoder import AETrainConfig, ensure_autoencoder, train
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'autoencoder.py')
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file (every AETrainConfig field), optionally with variants: configs/autoencoder.py:f4,gan '
-    '(default: the repository\'s configs/autoencoder.py). Override fields with --config.<field>=<value>.',
-    lock_config=True)
+  'config',
+  None,
+  'Config file (every AETrainConfig field), optionally with variants: configs/autoencoder.py:f4,gan '
+  "(default: the repository's configs/autoencoder.py). Override fields with --config.<field>=<value>.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics.jsonl, export/.')
-_CACHE = flags.DEFINE_string('cache', None, 'Instead of --workdir: a cache folder; trains into <cache>/ae-<settings '
-                             'hash>/ unless that already holds a finished export, and prints the export folder.')
+_CACHE = flags.DEFINE_string(
+  'cache',
+  None,
+  'Instead of --workdir: a cache folder; trains into <cache>/ae-<settings '
+  'hash>/ unless that already holds a finished export, and prints the export folder.',
+)
 _EXPORT = flags.DEFINE_string('export', None, 'Export folder (default <workdir>/export); not with --cache.')
 
 

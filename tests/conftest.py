@@ -11,25 +11,50 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Small architectures that still exercise every code path: 3 levels (two up/down samplers), several ResNet layers,
 # width changes (shortcut convs), the mid-block attention, and (asymmetric) a wider, deeper decoder.
 KL_CONFIG = dict(
-    block_out_channels=(32, 64, 64), down_block_types=('DownEncoderBlock2D',) * 3,
-    up_block_types=('UpDecoderBlock2D',) * 3, layers_per_block=2, latent_channels=4, norm_num_groups=8,
-    scaling_factor=0.18215)
+  block_out_channels=(32, 64, 64),
+  down_block_types=('DownEncoderBlock2D',) * 3,
+  up_block_types=('UpDecoderBlock2D',) * 3,
+  layers_per_block=2,
+  latent_channels=4,
+  norm_num_groups=8,
+  scaling_factor=0.18215,
+)
 # SD3/FLUX-style: no quant convs, 16 latent channels, shifted latents.
 KL16_CONFIG = dict(
-    block_out_channels=(32, 64), down_block_types=('DownEncoderBlock2D',) * 2,
-    up_block_types=('UpDecoderBlock2D',) * 2, layers_per_block=1, latent_channels=16, norm_num_groups=8,
-    scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+  block_out_channels=(32, 64),
+  down_block_types=('DownEncoderBlock2D',) * 2,
+  up_block_types=('UpDecoderBlock2D',) * 2,
+  layers_per_block=1,
+  latent_channels=16,
+  norm_num_groups=8,
+  scaling_factor=1.5305,
+  shift_factor=0.0609,
+  use_quant_conv=False,
+  use_post_quant_conv=False,
+)
 ASYM_CONFIG = dict(
-    down_block_out_channels=(32, 64, 64), down_block_types=('DownEncoderBlock2D',) * 3,
-    up_block_out_channels=(48, 96, 96), up_block_types=('UpDecoderBlock2D',) * 3, layers_per_down_block=1,
-    layers_per_up_block=2, latent_channels=4, norm_num_groups=16, scaling_factor=0.18215)
+  down_block_out_channels=(32, 64, 64),
+  down_block_types=('DownEncoderBlock2D',) * 3,
+  up_block_out_channels=(48, 96, 96),
+  up_block_types=('UpDecoderBlock2D',) * 3,
+  layers_per_down_block=1,
+  layers_per_up_block=2,
+  latent_channels=4,
+  norm_num_groups=16,
+  scaling_factor=0.18215,
+)
 
 
 # The `tiny` preset's four-level f8 architecture (the same five feature taps, and down factors, as an SD decoder).
 TINY_CONFIG = dict(
-    block_out_channels=(32, 64, 128, 128), down_block_types=('DownEncoderBlock2D',) * 4,
-    up_block_types=('UpDecoderBlock2D',) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=8,
-    scaling_factor=0.5)
+  block_out_channels=(32, 64, 128, 128),
+  down_block_types=('DownEncoderBlock2D',) * 4,
+  up_block_types=('UpDecoderBlock2D',) * 4,
+  layers_per_block=1,
+  latent_channels=4,
+  norm_num_groups=8,
+  scaling_factor=0.5,
+)
 
 
 def randomize_(module, seed: int) -> None:

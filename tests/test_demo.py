@@ -26,8 +26,13 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
   path = _run(tmp_path)
   assert path == str(tmp_path / 'report.md')
   text = open(path).read()
-  for figure in ('samples.png', 'loss_curves.png', 'spectrum_lpl_vs_baseline.png', 'spectrum_lpl_vs_real.png',
-                 'decoder_features_outliers.png'):
+  for figure in (
+    'samples.png',
+    'loss_curves.png',
+    'spectrum_lpl_vs_baseline.png',
+    'spectrum_lpl_vs_real.png',
+    'decoder_features_outliers.png',
+  ):
     assert f'figures/{figure}' in text and os.path.getsize(tmp_path / 'figures' / figure) > 1000, figure
   measured = json.load(open(tmp_path / 'metrics.json'))['metrics']
   for branch in ('baseline', 'LPL'):
@@ -42,7 +47,8 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
   assert f'report: {path}' in capsys.readouterr().out
   # A second run recomputes only samples, metrics and the report: nothing trained is written again.
   trained = [tmp_path / 'latents' / 'index.json'] + [
-      p for p in tmp_path.glob('**/*') if p.is_file() and ('checkpoints' in p.parts or 'export' in p.parts)]
+    p for p in tmp_path.glob('**/*') if p.is_file() and ('checkpoints' in p.parts or 'export' in p.parts)
+  ]
   before = {p: p.stat().st_mtime_ns for p in trained}
   _run(tmp_path)
   assert {p: p.stat().st_mtime_ns for p in trained} == before
@@ -52,7 +58,13 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
 def test_demo_command_line(tmp_path):
   """`python -m lpl_jax.demo --quick` runs every stage and prints the report's path (`make demo` runs it)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
-  proc = subprocess.run([sys.executable, '-m', 'lpl_jax.demo', f'--workdir={tmp_path}', '--quick'], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=1800)
+  proc = subprocess.run(
+    [sys.executable, '-m', 'lpl_jax.demo', f'--workdir={tmp_path}', '--quick'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'report: {tmp_path / "report.md"}' in proc.stdout and os.path.isfile(tmp_path / 'report.md')

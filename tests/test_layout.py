@@ -11,8 +11,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, 'lpl_jax')
 PROGRAMS = {'main', 'sample', 'evaluate', 'encode', 'train_autoencoder', 'demo'}
 # Rank of each subpackage: it may import only from lower ranks (and from itself).
-LAYERS = {'weights': 0, 'models': 1, 'autoencoder': 1, 'diffusion': 1, 'lpl': 2, 'data': 3, 'eval': 3, 'train': 4,
-          'workflows': 5, 'cli': 5}
+LAYERS = {
+  'weights': 0,
+  'models': 1,
+  'autoencoder': 1,
+  'diffusion': 1,
+  'lpl': 2,
+  'data': 3,
+  'eval': 3,
+  'train': 4,
+  'workflows': 5,
+  'cli': 5,
+}
 
 
 def _modules():
@@ -83,8 +93,8 @@ def test_the_project_refers_to_nothing_outside_it():
       for f in files:
         if f.endswith(('.py', '.md', '.sh', '.ipynb')):
           path = os.path.join(root, f)
-          found += [f'{os.path.relpath(path, ROOT)}:{i}' for i, line in enumerate(open(path), 1)
-                    if outside.search(line)]
-  found += [f'README.md:{i}' for i, line in enumerate(open(os.path.join(ROOT, 'README.md')), 1)
-            if outside.search(line)]
+          found += [
+            f'{os.path.relpath(path, ROOT)}:{i}' for i, line in enumerate(open(path), 1) if outside.search(line)
+          ]
+  found += [f'README.md:{i}' for i, line in enumerate(open(os.path.join(ROOT, 'README.md')), 1) if outside.search(line)]
   assert not found, found

@@ -9,6 +9,16 @@ from lpl_jax.autoencoder.presets import PRESETS, from_preset
 from lpl_jax.weights import WeightsMismatchError
 
 __all__ = [
-    'AutoencoderConfig', 'AutoencoderKL', 'PRESETS', 'WeightsMismatchError', 'from_diffusers', 'from_preset',
-    'init_params', 'kl_divergence', 'load_autoencoder', 'read_config', 'sample_posterior', 'save_diffusers',
+  'AutoencoderConfig',
+  'AutoencoderKL',
+  'PRESETS',
+  'WeightsMismatchError',
+  'from_diffusers',
+  'from_preset',
+  'init_params',
+  'kl_divergence',
+  'load_autoencoder',
+  'read_config',
+  'sample_posterior',
+  'save_diffusers',
 ]

@@ -12,18 +12,42 @@ from typing import Any
 
 # Keys of a diffusers config.json that describe nothing the Flax model needs (bookkeeping, tiling, fp16 upcasting).
 _IGNORED_KEYS = frozenset({'force_upcast', 'sample_size', 'latents_mean', 'latents_std'})
-_KL_KEYS = frozenset({
-    'in_channels', 'out_channels', 'down_block_types', 'up_block_types', 'block_out_channels', 'layers_per_block',
-    'act_fn', 'latent_channels', 'norm_num_groups', 'scaling_factor', 'shift_factor', 'use_quant_conv',
-    'use_post_quant_conv', 'mid_block_add_attention',
-})
-_ASYM_KEYS = frozenset({
-    'in_channels', 'out_channels', 'down_block_types', 'down_block_out_channels', 'layers_per_down_block',
-    'up_block_types', 'up_block_out_channels', 'layers_per_up_block', 'act_fn', 'latent_channels',
-    'norm_num_groups', 'scaling_factor',
+_KL_KEYS = frozenset(
+  {
+    'in_channels',
+    'out_channels',
+    'down_block_types',
+    'up_block_types',
+    'block_out_channels',
+    'layers_per_block',
+    'act_fn',
+    'latent_channels',
+    'norm_num_groups',
+    'scaling_factor',
+    'shift_factor',
+    'use_quant_conv',
+    'use_post_quant_conv',
+    'mid_block_add_attention',
+  }
+)
+_ASYM_KEYS = frozenset(
+  {
+    'in_channels',
+    'out_channels',
+    'down_block_types',
+    'down_block_out_channels',
+    'layers_per_down_block',
+    'up_block_types',
+    'up_block_out_channels',
+    'layers_per_up_block',
+    'act_fn',
+    'latent_channels',
+    'norm_num_groups',
+    'scaling_factor',
     # AsymmetricAutoencoderKL registers `block_out_channels` (= up_block_out_channels) into its saved config.
     'block_out_channels',
-})
+  }
+)
 KL_CLASS = 'AutoencoderKL'
 ASYMMETRIC_CLASS = 'AsymmetricAutoencoderKL'
 
@@ -70,11 +94,15 @@ class AutoencoderConfig:
         raise ValueError(f'{name} is empty: an autoencoder needs at least one resolution level.')
       bad = [c for c in widths if c <= 0 or c % self.norm_num_groups]
       if bad:
-        raise ValueError(f'{name}={widths}: every width must be a positive multiple of norm_num_groups='
-                         f'{self.norm_num_groups}; these are not: {bad}.')
+        raise ValueError(
+          f'{name}={widths}: every width must be a positive multiple of norm_num_groups='
+          f'{self.norm_num_groups}; these are not: {bad}.'
+        )
     if len(self.block_out_channels) != len(self.decoder_block_out_channels):
-      raise ValueError(f'encoder has {len(self.block_out_channels)} levels but decoder has '
-                       f'{len(self.decoder_block_out_channels)}: they must downsample and upsample equally.')
+      raise ValueError(
+        f'encoder has {len(self.block_out_channels)} levels but decoder has '
+        f'{len(self.decoder_block_out_channels)}: they must downsample and upsample equally.'
+      )
     for name in ('layers_per_block', 'decoder_layers_per_block', 'latent_channels', 'in_channels', 'out_channels'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}.')
@@ -106,8 +134,10 @@ class AutoencoderConfig:
     known = _ASYM_KEYS if asymmetric else _KL_KEYS
     unknown = sorted(k for k in cfg if not k.startswith('_') and k not in known and k not in _IGNORED_KEYS)
     if unknown:
-      raise ValueError(f'config.json of {class_name} has keys this implementation does not know: {unknown}. '
-                       'Refusing to guess the architecture.')
+      raise ValueError(
+        f'config.json of {class_name} has keys this implementation does not know: {unknown}. '
+        'Refusing to guess the architecture.'
+      )
     act = cfg.get('act_fn', 'silu')
     if act != 'silu':
       raise ValueError(f'act_fn={act!r} is not supported; only "silu" (every published KL autoencoder uses it).')
@@ -128,40 +158,57 @@ class AutoencoderConfig:
         raise ValueError(f'config.json lists {len(cfg[key])} {key} but {len(widths)} block widths.')
     shift = cfg.get('shift_factor')
     return cls(
-        block_out_channels=enc,
-        layers_per_block=int(enc_layers),
-        decoder_block_out_channels=dec,
-        decoder_layers_per_block=int(dec_layers),
-        latent_channels=int(cfg.get('latent_channels', 4)),
-        in_channels=int(cfg.get('in_channels', 3)),
-        out_channels=int(cfg.get('out_channels', 3)),
-        norm_num_groups=int(cfg.get('norm_num_groups', 32)),
-        scaling_factor=float(cfg.get('scaling_factor', 0.18215)),
-        shift_factor=0.0 if shift is None else float(shift),
-        use_quant_conv=bool(cfg.get('use_quant_conv', True)),
-        use_post_quant_conv=bool(cfg.get('use_post_quant_conv', True)),
-        mid_block_add_attention=bool(cfg.get('mid_block_add_attention', True)),
-        asymmetric=asymmetric,
+      block_out_channels=enc,
+      layers_per_block=int(enc_layers),
+      decoder_block_out_channels=dec,
+      decoder_layers_per_block=int(dec_layers),
+      latent_channels=int(cfg.get('latent_channels', 4)),
+      in_channels=int(cfg.get('in_channels', 3)),
+      out_channels=int(cfg.get('out_channels', 3)),
+      norm_num_groups=int(cfg.get('norm_num_groups', 32)),
+      scaling_factor=float(cfg.get('scaling_factor', 0.18215)),
+      shift_factor=0.0 if shift is None else float(shift),
+      use_quant_conv=bool(cfg.get('use_quant_conv', True)),
+      use_post_quant_conv=bool(cfg.get('use_post_quant_conv', True)),
+      mid_block_add_attention=bool(cfg.get('mid_block_add_attention', True)),
+      asymmetric=asymmetric,
     )
 
   def to_diffusers_config(self) -> dict[str, Any]:
     """The `config.json` dict diffusers would write for this architecture (used to export weights)."""
     n = len(self.block_out_channels)
     common = dict(
-        _class_name=self.class_name, in_channels=self.in_channels, out_channels=self.out_channels,
-        down_block_types=['DownEncoderBlock2D'] * n, up_block_types=['UpDecoderBlock2D'] * n, act_fn='silu',
-        latent_channels=self.latent_channels, norm_num_groups=self.norm_num_groups,
-        scaling_factor=self.scaling_factor)
+      _class_name=self.class_name,
+      in_channels=self.in_channels,
+      out_channels=self.out_channels,
+      down_block_types=['DownEncoderBlock2D'] * n,
+      up_block_types=['UpDecoderBlock2D'] * n,
+      act_fn='silu',
+      latent_channels=self.latent_channels,
+      norm_num_groups=self.norm_num_groups,
+      scaling_factor=self.scaling_factor,
+    )
     if self.asymmetric:
-      return dict(common, down_block_out_channels=list(self.block_out_channels),
-                  layers_per_down_block=self.layers_per_block,
-                  up_block_out_channels=list(self.decoder_block_out_channels),
-                  layers_per_up_block=self.decoder_layers_per_block)
+      return dict(
+        common,
+        down_block_out_channels=list(self.block_out_channels),
+        layers_per_down_block=self.layers_per_block,
+        up_block_out_channels=list(self.decoder_block_out_channels),
+        layers_per_up_block=self.decoder_layers_per_block,
+      )
     if self.decoder_block_out_channels != self.block_out_channels or (
-        self.decoder_layers_per_block != self.layers_per_block):
-      raise ValueError('AutoencoderKL has one set of widths and depth for encoder and decoder; this config '
-                       'differs between them, so it is not expressible as a diffusers AutoencoderKL.')
-    return dict(common, block_out_channels=list(self.block_out_channels), layers_per_block=self.layers_per_block,
-                shift_factor=self.shift_factor or None, use_quant_conv=self.use_quant_conv,
-                use_post_quant_conv=self.use_post_quant_conv,
-                mid_block_add_attention=self.mid_block_add_attention)
+      self.decoder_layers_per_block != self.layers_per_block
+    ):
+      raise ValueError(
+        'AutoencoderKL has one set of widths and depth for encoder and decoder; this config '
+        'differs between them, so it is not expressible as a diffusers AutoencoderKL.'
+      )
+    return dict(
+      common,
+      block_out_channels=list(self.block_out_channels),
+      layers_per_block=self.layers_per_block,
+      shift_factor=self.shift_factor or None,
+      use_quant_conv=self.use_quant_conv,
+      use_post_quant_conv=self.use_post_quant_conv,
+      mid_block_add_attention=self.mid_block_add_attention,
+    )

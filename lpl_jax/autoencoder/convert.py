@@ -46,8 +46,10 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model: AutoencoderK
       current attention name for one tensor).
   """
   expected = weights.expected_shapes(lambda: init_params(model, jax.random.key(0)))
-  tensors = ((name, torch_name_to_path(name, np.ndim(array)), weights.torch_to_flax(np.asarray(array)))
-             for name, array in state_dict.items())
+  tensors = (
+    (name, torch_name_to_path(name, np.ndim(array)), weights.torch_to_flax(np.asarray(array)))
+    for name, array in state_dict.items()
+  )
   converted = weights.match_params(tensors, expected, target=f'the {model.config.class_name} of the config')
   params = {p: jnp.asarray(v, dtype=model.param_dtype) for p, v in converted.items()}
   return flax.traverse_util.unflatten_dict(params)
@@ -55,8 +57,10 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model: AutoencoderK
 
 def flax_to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Flax params -> diffusers state dict (current attention names, PyTorch layouts, float32)."""
-  return {path_to_torch_name(path): np.ascontiguousarray(weights.flax_to_torch(np.asarray(value, np.float32)))
-          for path, value in flax.traverse_util.flatten_dict(params).items()}
+  return {
+    path_to_torch_name(path): np.ascontiguousarray(weights.flax_to_torch(np.asarray(value, np.float32)))
+    for path, value in flax.traverse_util.flatten_dict(params).items()
+  }
 
 
 def read_config(folder: str | os.PathLike) -> AutoencoderConfig:
@@ -65,8 +69,10 @@ def read_config(folder: str | os.PathLike) -> AutoencoderConfig:
   if not os.path.isdir(folder):
     raise FileNotFoundError(f'autoencoder folder {os.fspath(folder)!r} does not exist.')
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path!r} is missing: a diffusers autoencoder folder holds {CONFIG_NAME} and '
-                            f'{WEIGHTS_NAME} (as written by save_pretrained).')
+    raise FileNotFoundError(
+      f'{path!r} is missing: a diffusers autoencoder folder holds {CONFIG_NAME} and '
+      f'{WEIGHTS_NAME} (as written by save_pretrained).'
+    )
   with open(path) as f:
     try:
       cfg = json.load(f)
@@ -75,8 +81,14 @@ def read_config(folder: str | os.PathLike) -> AutoencoderConfig:
   return AutoencoderConfig.from_diffusers_config(cfg)
 
 
-def from_diffusers(folder: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                   remat: bool = False, variant: str | None = None) -> tuple[AutoencoderKL, dict]:
+def from_diffusers(
+  folder: str | os.PathLike,
+  *,
+  dtype: Any = jnp.float32,
+  param_dtype: Any = jnp.float32,
+  remat: bool = False,
+  variant: str | None = None,
+) -> tuple[AutoencoderKL, dict]:
   """Loads a diffusers-format `AutoencoderKL` / `AsymmetricAutoencoderKL` folder.
 
   Args:

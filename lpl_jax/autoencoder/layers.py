@@ -25,16 +25,32 @@ def _at_least_f32(dtype: Dtype) -> Dtype:
 
 def group_norm(groups: int, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
   # use_fast_variance=False: E[x^2]-E[x]^2 loses precision on decoder features with large means.
-  return nn.GroupNorm(num_groups=groups, epsilon=_EPS, dtype=dtype, param_dtype=param_dtype,
-                      use_fast_variance=False, name=name)
+  return nn.GroupNorm(
+    num_groups=groups, epsilon=_EPS, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name
+  )
 
 
-def conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, *, stride: int = 1,
-         padding: Any = 'SAME_TORCH', name: str | None = None) -> nn.Conv:
+def conv(
+  features: int,
+  kernel: int,
+  dtype: Dtype,
+  param_dtype: Dtype,
+  *,
+  stride: int = 1,
+  padding: Any = 'SAME_TORCH',
+  name: str | None = None,
+) -> nn.Conv:
   if padding == 'SAME_TORCH':  # PyTorch's symmetric padding=k//2.
     padding = ((kernel // 2, kernel // 2),) * 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype,
-                 param_dtype=param_dtype, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=padding,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+  )
 
 
 class ResnetBlock(nn.Module):
@@ -73,7 +89,7 @@ class SelfAttention(nn.Module):
     dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     y = group_norm(self.groups, self.dtype, self.param_dtype, 'group_norm')(x).reshape(b, h * w, c)
     q, k, v = dense('to_q')(y), dense('to_k')(y), dense('to_v')(y)
-    logits = jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=_at_least_f32(q.dtype)) * (c ** -0.5)
+    logits = jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=_at_least_f32(q.dtype)) * (c**-0.5)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = dense('to_out_0')(jnp.einsum('bqk,bkc->bqc', weights, v))
     return x.astype(out.dtype) + out.reshape(b, h, w, c)

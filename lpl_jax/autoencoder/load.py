@@ -39,5 +39,7 @@ def load_autoencoder(spec: str, *, dtype: Any = jnp.float32, seed: int = 0) -> t
     # compiled) separately.
     params = jax.jit(lambda key: init_params(model, key))(jax.random.key(seed))
     return model, jax.device_get(params), True
-  raise ValueError(f'autoencoder {spec!r} is neither a diffusers autoencoder folder (no such folder exists) nor a '
-                   f'preset; known presets: {sorted(PRESETS)}.')
+  raise ValueError(
+    f'autoencoder {spec!r} is neither a diffusers autoencoder folder (no such folder exists) nor a '
+    f'preset; known presets: {sorted(PRESETS)}.'
+  )

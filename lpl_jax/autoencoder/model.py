@@ -39,10 +39,17 @@ class Encoder(nn.Module):
     down_cls = _maybe_remat(layers.DownEncoderBlock, self.remat)
     h = layers.conv(widths[0], 3, name='conv_in', **kw)(x)
     for i, width in enumerate(widths):
-      h = down_cls(width, cfg.layers_per_block, cfg.norm_num_groups, add_downsample=i < len(widths) - 1,
-                   name=f'down_blocks_{i}', **kw)(h)
-    h = _maybe_remat(layers.MidBlock, self.remat)(widths[-1], cfg.norm_num_groups, cfg.mid_block_add_attention,
-                                                  name='mid_block', **kw)(h)
+      h = down_cls(
+        width,
+        cfg.layers_per_block,
+        cfg.norm_num_groups,
+        add_downsample=i < len(widths) - 1,
+        name=f'down_blocks_{i}',
+        **kw,
+      )(h)
+    h = _maybe_remat(layers.MidBlock, self.remat)(
+      widths[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, name='mid_block', **kw
+    )(h)
     h = nn.silu(layers.group_norm(cfg.norm_num_groups, name='conv_norm_out', **kw)(h))
     return layers.conv(2 * cfg.latent_channels, 3, name='conv_out', **kw)(h)
 
@@ -60,11 +67,12 @@ class Decoder(nn.Module):
     widths = cfg.decoder_block_out_channels[::-1]  # deepest first
     up_cls = _maybe_remat(layers.UpDecoderBlock, self.remat)
     self.conv_in = layers.conv(widths[0], 3, **kw)
-    self.mid_block = _maybe_remat(layers.MidBlock, self.remat)(widths[0], cfg.norm_num_groups,
-                                                               cfg.mid_block_add_attention, **kw)
+    self.mid_block = _maybe_remat(layers.MidBlock, self.remat)(
+      widths[0], cfg.norm_num_groups, cfg.mid_block_add_attention, **kw
+    )
     self.up_blocks = [
-        up_cls(width, cfg.decoder_layers_per_block + 1, cfg.norm_num_groups, add_upsample=i < len(widths) - 1, **kw)
-        for i, width in enumerate(widths)
+      up_cls(width, cfg.decoder_layers_per_block + 1, cfg.norm_num_groups, add_upsample=i < len(widths) - 1, **kw)
+      for i, width in enumerate(widths)
     ]
     self.conv_norm_out = layers.group_norm(cfg.norm_num_groups, **kw)
     self.conv_out = layers.conv(cfg.out_channels, 3, **kw)
@@ -107,8 +115,10 @@ def _resize_nearest(mask: jax.Array, size: tuple[int, int]) -> jax.Array:
 def _blend(h: jax.Array, cond: dict, mask: jax.Array) -> jax.Array:
   key = tuple(h.shape[1:])
   if key not in cond:
-    raise ValueError(f'the mask-condition encoder has no feature map of shape {key} (it has {sorted(cond)}): '
-                     'this decoder architecture cannot be mask-conditioned at this resolution.')
+    raise ValueError(
+      f'the mask-condition encoder has no feature map of shape {key} (it has {sorted(cond)}): '
+      'this decoder architecture cannot be mask-conditioned at this resolution.'
+    )
   m = _resize_nearest(mask, h.shape[1:3]).astype(h.dtype)
   return h * m + cond[key].astype(h.dtype) * (1 - m)
 
@@ -179,15 +189,18 @@ class AutoencoderKL(nn.Module):
       chex.assert_rank([image, mask], 4)
       expected = (z.shape[0], z.shape[1] * self.config.downsample_factor, z.shape[2] * self.config.downsample_factor)
       if image.shape[:3] != expected or mask.shape[:3] != expected or mask.shape[-1] != 1:
-        raise ValueError(f'decode: for latents {z.shape} image must be {expected + (self.config.out_channels,)} '
-                         f'and mask {expected + (1,)}; got {image.shape} and {mask.shape}.')
+        raise ValueError(
+          f'decode: for latents {z.shape} image must be {expected + (self.config.out_channels,)} '
+          f'and mask {expected + (1,)}; got {image.shape} and {mask.shape}.'
+        )
     if self.post_quant_conv is not None:
       z = self.post_quant_conv(z)
     out = self.decoder(z, image, mask)
     return out.astype(jnp.promote_types(out.dtype, jnp.float32))
 
-  def decoder_features(self, z: jax.Array, num_blocks: int | None = None,
-                       apply_post_quant_conv: bool = True) -> list[jax.Array]:
+  def decoder_features(
+    self, z: jax.Array, num_blocks: int | None = None, apply_post_quant_conv: bool = True
+  ) -> list[jax.Array]:
     """The decoder's intermediate activations for raw latents `z [B, h, w, C]`.
 
     Args:
@@ -216,17 +229,21 @@ class AutoencoderKL(nn.Module):
     chex.assert_rank(x, 4)
     f = self.config.downsample_factor
     if x.shape[-1] != self.config.in_channels:
-      raise ValueError(f'{where}: images have {x.shape[-1]} channels, the autoencoder expects '
-                       f'{self.config.in_channels} (NHWC layout).')
+      raise ValueError(
+        f'{where}: images have {x.shape[-1]} channels, the autoencoder expects {self.config.in_channels} (NHWC layout).'
+      )
     if x.shape[1] % f or x.shape[2] % f:
-      raise ValueError(f'{where}: image size {x.shape[1]}x{x.shape[2]} is not a multiple of the downsampling '
-                       f'factor {f}.')
+      raise ValueError(
+        f'{where}: image size {x.shape[1]}x{x.shape[2]} is not a multiple of the downsampling factor {f}.'
+      )
 
   def _check_latents(self, z: jax.Array, where: str) -> None:
     chex.assert_rank(z, 4)
     if z.shape[-1] != self.config.latent_channels:
-      raise ValueError(f'{where}: latents have {z.shape[-1]} channels, the autoencoder expects '
-                       f'{self.config.latent_channels} (NHWC layout).')
+      raise ValueError(
+        f'{where}: latents have {z.shape[-1]} channels, the autoencoder expects '
+        f'{self.config.latent_channels} (NHWC layout).'
+      )
 
 
 def init_params(model: AutoencoderKL, key: jax.Array, image_size: int | None = None) -> dict:

@@ -55,8 +55,10 @@ def parse_flags_or_exit(argv: list[str], *, default_config: str | None = None) -
     guess = re.search(r'Did you mean "(\w+)"', str(e))
     bad = [n for n in _overrides(argv) if key in n.split('.')] or _overrides(argv)
     hint = f' (did you mean {guess.group(1)!r}?)' if guess else ''
-    fail(f'{", ".join(bad)}: the config has no field {key!r}{hint}; overrides must name an existing field of the '
-         'config file (see docs/configs.md).')
+    fail(
+      f'{", ".join(bad)}: the config has no field {key!r}{hint}; overrides must name an existing field of the '
+      'config file (see docs/configs.md).'
+    )
   except TypeError as e:  # a path through a field that is not a section, e.g. --config.total_steps.x
     fail(f'{", ".join(_overrides(argv))}: {e}; only sections have fields.')
 

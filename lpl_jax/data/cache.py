@@ -50,9 +50,19 @@ class LatentCacheWriter:
     overwrite: replace an existing cache at `path` (only at commit, so a failed run leaves the old one intact).
   """
 
-  def __init__(self, path: str | os.PathLike, *, resolution: int, scaling_factor: float, shift_factor: float = 0.0,
-               store_std: bool = False, shard_size: int = 4096, dtype: str = 'float32',
-               metadata: Mapping[str, Any] | None = None, overwrite: bool = False):
+  def __init__(
+    self,
+    path: str | os.PathLike,
+    *,
+    resolution: int,
+    scaling_factor: float,
+    shift_factor: float = 0.0,
+    store_std: bool = False,
+    shard_size: int = 4096,
+    dtype: str = 'float32',
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+  ):
     self.path = os.path.abspath(os.fspath(path))
     if os.path.exists(self.path) and not overwrite:
       raise FileExistsError(f'latent cache {self.path!r} already exists (pass overwrite=True / --overwrite).')
@@ -62,18 +72,31 @@ class LatentCacheWriter:
       raise ValueError(f'shard_size must be >= 1, got {shard_size}.')
     self.overwrite, self.shard_size, self.dtype, self.store_std = overwrite, int(shard_size), dtype, store_std
     self._index: dict[str, Any] = dict(
-        format=FORMAT, version=VERSION, count=0, shard_size=self.shard_size, num_shards=0, dtype=dtype,
-        latent_shape=None, store_std=bool(store_std), text_shape=None, text_dtype=None, resolution=int(resolution),
-        latents='raw', scaling_factor=float(scaling_factor), shift_factor=float(shift_factor),
-        metadata=dict(metadata or {}))
+      format=FORMAT,
+      version=VERSION,
+      count=0,
+      shard_size=self.shard_size,
+      num_shards=0,
+      dtype=dtype,
+      latent_shape=None,
+      store_std=bool(store_std),
+      text_shape=None,
+      text_dtype=None,
+      resolution=int(resolution),
+      latents='raw',
+      scaling_factor=float(scaling_factor),
+      shift_factor=float(shift_factor),
+      metadata=dict(metadata or {}),
+    )
     self._tmp = f'{self.path}.tmp-{uuid.uuid4().hex[:8]}'
     os.makedirs(self._tmp)
     self._pending: dict[str, list[np.ndarray]] = {'mean': [], 'std': [], 'text': []}
     self._labels: list[np.ndarray] = []
     self._has_text: bool | None = None
 
-  def add(self, mean: np.ndarray, labels: np.ndarray, std: np.ndarray | None = None,
-          text: np.ndarray | None = None) -> None:
+  def add(
+    self, mean: np.ndarray, labels: np.ndarray, std: np.ndarray | None = None, text: np.ndarray | None = None
+  ) -> None:
     """Appends a batch: raw `mean [n, h, w, C]`, `labels [n]`, raw `std [n, h, w, C]` (iff `store_std`), optional
     `text [n, ...]` (all batches or none)."""
     mean, labels = np.asarray(mean), np.asarray(labels)
@@ -92,10 +115,13 @@ class LatentCacheWriter:
       self._has_text = text is not None
       if text is not None:
         self._index['text_shape'], self._index['text_dtype'] = list(np.shape(text)[1:]), str(np.asarray(text).dtype)
-    if (text is not None) != self._has_text or (text is not None and (
-        list(np.shape(text)) != [n] + self._index['text_shape'])):
-      raise ValueError('text embeddings must come with every batch (or none), each [n] + '
-                       f'{self._index["text_shape"]}; got {None if text is None else np.shape(text)}.')
+    if (text is not None) != self._has_text or (
+      text is not None and (list(np.shape(text)) != [n] + self._index['text_shape'])
+    ):
+      raise ValueError(
+        'text embeddings must come with every batch (or none), each [n] + '
+        f'{self._index["text_shape"]}; got {None if text is None else np.shape(text)}.'
+      )
     self._pending['mean'].append(mean.astype(self.dtype))
     if std is not None:
       self._pending['std'].append(np.asarray(std).astype(self.dtype))
@@ -128,8 +154,9 @@ class LatentCacheWriter:
     old = None
     if os.path.exists(self.path):
       if not self.overwrite:
-        raise FileExistsError(f'latent cache {self.path!r} appeared while writing; the new one is left at '
-                              f'{self._tmp!r}.')
+        raise FileExistsError(
+          f'latent cache {self.path!r} appeared while writing; the new one is left at {self._tmp!r}.'
+        )
       old = f'{self.path}.old-{uuid.uuid4().hex[:8]}'
       os.rename(self.path, old)
     os.rename(self._tmp, self.path)
@@ -160,8 +187,10 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
   with open(file) as f:
     index = json.load(f)
   if index.get('format') != FORMAT or index.get('version') != VERSION:
-    raise ValueError(f'{file!r} is not a version-{VERSION} {FORMAT} index (format={index.get("format")!r}, '
-                     f'version={index.get("version")!r}).')
+    raise ValueError(
+      f'{file!r} is not a version-{VERSION} {FORMAT} index (format={index.get("format")!r}, '
+      f'version={index.get("version")!r}).'
+    )
   return index
 
 
@@ -177,8 +206,9 @@ class LatentCacheSource:
     self.index = read_index(self.path)
     self._labels = np.load(os.path.join(self.path, LABELS_NAME))
     if self._labels.shape != (self.index['count'],):
-      raise ValueError(f'{self.path!r}: labels hold {self._labels.shape} entries, the index says '
-                       f'{self.index["count"]}.')
+      raise ValueError(
+        f'{self.path!r}: labels hold {self._labels.shape} entries, the index says {self.index["count"]}.'
+      )
     missing = [name for name in self._shard_files() if not os.path.isfile(os.path.join(self.path, name))]
     if missing:
       raise FileNotFoundError(f'latent cache {self.path!r} is missing shard files {missing[:4]}.')
@@ -192,8 +222,10 @@ class LatentCacheSource:
 
   def _open(self) -> dict[str, list[np.ndarray]]:
     if self._arrays is None:
-      self._arrays = {k: [np.load(os.path.join(self.path, _shard_name(k, s)), mmap_mode='r')
-                          for s in range(self.index['num_shards'])] for k in self._kinds()}
+      self._arrays = {
+        k: [np.load(os.path.join(self.path, _shard_name(k, s)), mmap_mode='r') for s in range(self.index['num_shards'])]
+        for k in self._kinds()
+      }
     return self._arrays
 
   def __getstate__(self) -> dict[str, Any]:
@@ -234,8 +266,10 @@ class LatentCacheSource:
     arrays = self._open()
     shard, row = divmod(int(index), self.index['shard_size'])
     mean = np.asarray(arrays['mean'][shard][row], np.float32)
-    record = {'latent': (mean - np.float32(self.shift_factor)) * np.float32(self.scaling_factor),
-              'label': self._labels[index]}
+    record = {
+      'latent': (mean - np.float32(self.shift_factor)) * np.float32(self.scaling_factor),
+      'label': self._labels[index],
+    }
     if self.has_std:
       record['latent_std'] = np.asarray(arrays['std'][shard][row], np.float32) * np.float32(abs(self.scaling_factor))
     if self.has_text:

@@ -25,11 +25,25 @@ from lpl_jax.data.pipeline import image_stream
 from lpl_jax.data.transforms import CropConfig, to_float
 
 
-def encode_to_cache(source: Any, model: Any, params: Any, out: str, *, resolution: int, batch_size: int,
-                    store_std: bool = False, num_samples: int | None = None, random_crop: bool = False,
-                    crop_scale: tuple[float, float] = (0.5, 1.0), seed: int = 0, dtype: str = 'float32',
-                    shard_size: int = 4096, metadata: dict | None = None, overwrite: bool = False,
-                    progress: bool = True) -> str:
+def encode_to_cache(
+  source: Any,
+  model: Any,
+  params: Any,
+  out: str,
+  *,
+  resolution: int,
+  batch_size: int,
+  store_std: bool = False,
+  num_samples: int | None = None,
+  random_crop: bool = False,
+  crop_scale: tuple[float, float] = (0.5, 1.0),
+  seed: int = 0,
+  dtype: str = 'float32',
+  shard_size: int = 4096,
+  metadata: dict | None = None,
+  overwrite: bool = False,
+  progress: bool = True,
+) -> str:
   """Encodes the first `num_samples` records of `source` (all if `None`) into a latent cache at `out`.
 
   Args:
@@ -56,11 +70,13 @@ def encode_to_cache(source: Any, model: Any, params: Any, out: str, *, resolutio
       does not have.
   """
   if jax.process_count() > 1:
-    raise ValueError('encode runs in one process (it shards the batch over that process\'s devices); '
-                     f'this job has {jax.process_count()} processes.')
+    raise ValueError(
+      "encode runs in one process (it shards the batch over that process's devices); "
+      f'this job has {jax.process_count()} processes.'
+    )
   f = model.config.downsample_factor
   if resolution % f:
-    raise ValueError(f'resolution {resolution} is not a multiple of the autoencoder\'s downsampling factor {f}.')
+    raise ValueError(f"resolution {resolution} is not a multiple of the autoencoder's downsampling factor {f}.")
   devices = jax.local_devices()
   if batch_size < 1 or batch_size % len(devices):
     raise ValueError(f'batch_size {batch_size} must be a positive multiple of the {len(devices)} local devices.')
@@ -70,8 +86,9 @@ def encode_to_cache(source: Any, model: Any, params: Any, out: str, *, resolutio
 
   crop = CropConfig(resolution, random_crop=random_crop, crop_scale=tuple(crop_scale))
   stream = image_stream(source, crop, seed=seed, shuffle=False, num_epochs=1)[:count]
-  batches = stream.batch(batch_size, batch_fn=lambda rs: (np.stack([r['image'] for r in rs]),
-                                                          np.asarray([r['label'] for r in rs], np.int32)))
+  batches = stream.batch(
+    batch_size, batch_fn=lambda rs: (np.stack([r['image'] for r in rs]), np.asarray([r['label'] for r in rs], np.int32))
+  )
   batches = batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
   mesh = Mesh(np.asarray(devices), ('data',))
@@ -84,13 +101,21 @@ def encode_to_cache(source: Any, model: Any, params: Any, out: str, *, resolutio
     return mean, jnp.exp(0.5 * logvar)
 
   cfg = model.config
-  meta = dict(autoencoder_config=dataclasses.asdict(cfg), crop=dataclasses.asdict(crop), seed=seed,
-              **(metadata or {}))
-  with LatentCacheWriter(out, resolution=resolution, scaling_factor=cfg.scaling_factor,
-                         shift_factor=cfg.shift_factor, store_std=store_std, shard_size=shard_size, dtype=dtype,
-                         metadata=meta, overwrite=overwrite) as writer:
-    for images, labels in tqdm.tqdm(batches, total=math.ceil(count / batch_size), unit='batch', desc='encode',
-                                    disable=not progress):
+  meta = dict(autoencoder_config=dataclasses.asdict(cfg), crop=dataclasses.asdict(crop), seed=seed, **(metadata or {}))
+  with LatentCacheWriter(
+    out,
+    resolution=resolution,
+    scaling_factor=cfg.scaling_factor,
+    shift_factor=cfg.shift_factor,
+    store_std=store_std,
+    shard_size=shard_size,
+    dtype=dtype,
+    metadata=meta,
+    overwrite=overwrite,
+  ) as writer:
+    for images, labels in tqdm.tqdm(
+      batches, total=math.ceil(count / batch_size), unit='batch', desc='encode', disable=not progress
+    ):
       n = len(labels)
       x = to_float(images)
       if n < batch_size:  # the last batch is padded so that one compiled shape serves every call

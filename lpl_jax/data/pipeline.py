@@ -68,8 +68,10 @@ def _process_share(process_index: int | None, process_count: int | None, global_
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count}).')
   if global_batch < 1 or global_batch % process_count:
-    raise ValueError(f'global batch {global_batch} is not divisible by the process count {process_count}: each '
-                     'process must load the same number of rows.')
+    raise ValueError(
+      f'global batch {global_batch} is not divisible by the process count {process_count}: each '
+      'process must load the same number of rows.'
+    )
   return process_index, process_count
 
 
@@ -77,20 +79,26 @@ def _stream(source: Any, *, seed: int, shuffle: bool, num_epochs: int | None, gl
   if len(source) == 0:
     raise ValueError(f'the data source {source!r} is empty.')
   if num_epochs is not None and num_epochs * len(source) < global_batch:
-    raise ValueError(f'{num_epochs} epoch(s) of {len(source)} records make no complete global batch of '
-                     f'{global_batch}.')
+    raise ValueError(f'{num_epochs} epoch(s) of {len(source)} records make no complete global batch of {global_batch}.')
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=_seeds(seed)[0])
   return ds.repeat(num_epochs)
 
 
-def _finish(ds: grain.MapDataset, *, global_batch: int, process_index: int | None, process_count: int | None,
-            batch_fn: Callable[[Sequence[dict]], dict], worker_count: int, read_threads: int,
-            prefetch: int) -> grain.IterDataset:
+def _finish(
+  ds: grain.MapDataset,
+  *,
+  global_batch: int,
+  process_index: int | None,
+  process_count: int | None,
+  batch_fn: Callable[[Sequence[dict]], dict],
+  worker_count: int,
+  read_threads: int,
+  prefetch: int,
+) -> grain.IterDataset:
   process_index, process_count = _process_share(process_index, process_count, global_batch)
-  ds = ProcessShareMapDataset(ds, global_batch=global_batch, process_index=process_index,
-                              process_count=process_count)
+  ds = ProcessShareMapDataset(ds, global_batch=global_batch, process_index=process_index, process_count=process_count)
   ds = ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=batch_fn)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
   if worker_count > 0:
@@ -101,8 +109,9 @@ def _finish(ds: grain.MapDataset, *, global_batch: int, process_index: int | Non
   return it
 
 
-def image_stream(source: Any, crop: CropConfig, *, seed: int, shuffle: bool, num_epochs: int | None = None,
-                 global_batch: int = 1) -> grain.MapDataset:
+def image_stream(
+  source: Any, crop: CropConfig, *, seed: int, shuffle: bool, num_epochs: int | None = None, global_batch: int = 1
+) -> grain.MapDataset:
   """The global stream of cropped uint8 records `{'image': [R, R, 3], 'label': []}` (no batching, no sharding).
 
   `encode_to_cache` reads it with `shuffle=False, num_epochs=1`, so cache record `i` is stream position `i`.
@@ -118,15 +127,29 @@ def image_stream(source: Any, crop: CropConfig, *, seed: int, shuffle: bool, num
 
 
 def _batch_images(records: Sequence[dict]) -> dict[str, np.ndarray]:
-  return {'images': to_float(np.stack([r['image'] for r in records])),
-          'labels': np.asarray([r['label'] for r in records], np.int32)}
+  return {
+    'images': to_float(np.stack([r['image'] for r in records])),
+    'labels': np.asarray([r['label'] for r in records], np.int32),
+  }
 
 
-def make_image_pipeline(source: Any, *, resolution: int, global_batch: int, seed: int, shuffle: bool = True,
-                        random_flip: bool = False, random_crop: bool = False,
-                        crop_scale: tuple[float, float] = (0.5, 1.0), num_epochs: int | None = None,
-                        worker_count: int = 0, read_threads: int = 2, prefetch: int = 4,
-                        process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+def make_image_pipeline(
+  source: Any,
+  *,
+  resolution: int,
+  global_batch: int,
+  seed: int,
+  shuffle: bool = True,
+  random_flip: bool = False,
+  random_crop: bool = False,
+  crop_scale: tuple[float, float] = (0.5, 1.0),
+  num_epochs: int | None = None,
+  worker_count: int = 0,
+  read_threads: int = 2,
+  prefetch: int = 4,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.IterDataset:
   """Batches of images for this process.
 
   Args:
@@ -152,14 +175,33 @@ def make_image_pipeline(source: Any, *, resolution: int, global_batch: int, seed
   crop = CropConfig(resolution, random_crop=random_crop, crop_scale=tuple(crop_scale), random_flip=random_flip)
   _process_share(process_index, process_count, global_batch)  # fail before touching the source
   ds = image_stream(source, crop, seed=seed, shuffle=shuffle, num_epochs=num_epochs, global_batch=global_batch)
-  return _finish(ds, global_batch=global_batch, process_index=process_index, process_count=process_count,
-                 batch_fn=_batch_images, worker_count=worker_count, read_threads=read_threads, prefetch=prefetch)
+  return _finish(
+    ds,
+    global_batch=global_batch,
+    process_index=process_index,
+    process_count=process_count,
+    batch_fn=_batch_images,
+    worker_count=worker_count,
+    read_threads=read_threads,
+    prefetch=prefetch,
+  )
 
 
-def make_latent_pipeline(source: Any, *, global_batch: int, seed: int, shuffle: bool = True,
-                         sample_posterior: bool = True, resolution: int | None = None, num_epochs: int | None = None,
-                         worker_count: int = 0, read_threads: int = 2, prefetch: int = 4,
-                         process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+def make_latent_pipeline(
+  source: Any,
+  *,
+  global_batch: int,
+  seed: int,
+  shuffle: bool = True,
+  sample_posterior: bool = True,
+  resolution: int | None = None,
+  num_epochs: int | None = None,
+  worker_count: int = 0,
+  read_threads: int = 2,
+  prefetch: int = 4,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.IterDataset:
   """Batches of cached (scaled) latents for this process; the same order, sharding and state as the image pipeline.
 
   Args:
@@ -174,8 +216,10 @@ def make_latent_pipeline(source: Any, *, global_batch: int, seed: int, shuffle: 
     A `grain.IterDataset` of `{'latents': float32 [L, h, w, C], 'labels': int32 [L]}` (+ `'text'` `[L, ...]`).
   """
   if resolution is not None and resolution != source.resolution:
-    raise ValueError(f'the latent cache {source.path!r} was encoded at resolution {source.resolution}, the pipeline '
-                     f'asks for {resolution}: re-encode with `python -m lpl_jax.encode --resolution={resolution}`.')
+    raise ValueError(
+      f'the latent cache {source.path!r} was encoded at resolution {source.resolution}, the pipeline '
+      f'asks for {resolution}: re-encode with `python -m lpl_jax.encode --resolution={resolution}`.'
+    )
   _process_share(process_index, process_count, global_batch)
   ds = _stream(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs, global_batch=global_batch)
 
@@ -189,34 +233,68 @@ def make_latent_pipeline(source: Any, *, global_batch: int, seed: int, shuffle: 
   ds = ds.random_map(sample, seed=_seeds(seed)[1]) if sample_posterior and source.has_std else ds.map(keep)
 
   def batch_fn(records: Sequence[dict]) -> dict[str, np.ndarray]:
-    out = {'latents': np.stack([r['latent'] for r in records]).astype(np.float32),
-           'labels': np.asarray([r['label'] for r in records], np.int32)}
+    out = {
+      'latents': np.stack([r['latent'] for r in records]).astype(np.float32),
+      'labels': np.asarray([r['label'] for r in records], np.int32),
+    }
     if 'text' in records[0]:
       out['text'] = np.stack([r['text'] for r in records])
     return out
 
-  return _finish(ds, global_batch=global_batch, process_index=process_index, process_count=process_count,
-                 batch_fn=batch_fn, worker_count=worker_count, read_threads=read_threads, prefetch=prefetch)
+  return _finish(
+    ds,
+    global_batch=global_batch,
+    process_index=process_index,
+    process_count=process_count,
+    batch_fn=batch_fn,
+    worker_count=worker_count,
+    read_threads=read_threads,
+    prefetch=prefetch,
+  )
 
 
-def make_pipeline(source: Any, *, resolution: int, global_batch: int, seed: int, shuffle: bool = True,
-                  random_flip: bool = False, random_crop: bool = False, crop_scale: tuple[float, float] = (0.5, 1.0),
-                  sample_posterior: bool = True, num_epochs: int | None = None, worker_count: int = 0,
-                  read_threads: int = 2, prefetch: int = 4, process_index: int | None = None,
-                  process_count: int | None = None) -> grain.IterDataset:
+def make_pipeline(
+  source: Any,
+  *,
+  resolution: int,
+  global_batch: int,
+  seed: int,
+  shuffle: bool = True,
+  random_flip: bool = False,
+  random_crop: bool = False,
+  crop_scale: tuple[float, float] = (0.5, 1.0),
+  sample_posterior: bool = True,
+  num_epochs: int | None = None,
+  worker_count: int = 0,
+  read_threads: int = 2,
+  prefetch: int = 4,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.IterDataset:
   """The training pipeline for any source: `make_latent_pipeline` for a latent cache (which must have been encoded
   at `resolution`; crops and flips are refused, they would need re-encoding), `make_image_pipeline` otherwise
   (`sample_posterior` is ignored)."""
-  common = dict(global_batch=global_batch, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                worker_count=worker_count, read_threads=read_threads, prefetch=prefetch, process_index=process_index,
-                process_count=process_count)
+  common = dict(
+    global_batch=global_batch,
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    worker_count=worker_count,
+    read_threads=read_threads,
+    prefetch=prefetch,
+    process_index=process_index,
+    process_count=process_count,
+  )
   if hasattr(source, 'latent_shape'):
     if random_flip or random_crop:
-      raise ValueError(f'random_flip={random_flip}, random_crop={random_crop}: a latent cache holds fixed crops; '
-                       'augment when encoding (`python -m lpl_jax.encode --crop=random`) or train on images.')
+      raise ValueError(
+        f'random_flip={random_flip}, random_crop={random_crop}: a latent cache holds fixed crops; '
+        'augment when encoding (`python -m lpl_jax.encode --crop=random`) or train on images.'
+      )
     return make_latent_pipeline(source, sample_posterior=sample_posterior, resolution=resolution, **common)
-  return make_image_pipeline(source, resolution=resolution, random_flip=random_flip, random_crop=random_crop,
-                             crop_scale=crop_scale, **common)
+  return make_image_pipeline(
+    source, resolution=resolution, random_flip=random_flip, random_crop=random_crop, crop_scale=crop_scale, **common
+  )
 
 
 def steps_per_epoch(source: Any, global_batch: int) -> int:

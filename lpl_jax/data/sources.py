@@ -42,11 +42,26 @@ def _skimage(name: str) -> Callable[[], np.ndarray]:
 # which downloads (pooch is not even installed). Synthetic pictures (logo, colour wheel, horse silhouette, text
 # scans) are left out. The order fixes the class ids.
 EMBEDDED_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
-    **{name: _skimage(name) for name in (
-        'astronaut', 'brick', 'camera', 'cell', 'chelsea', 'clock', 'coffee', 'coins', 'grass', 'gravel',
-        'hubble_deep_field', 'immunohistochemistry', 'moon')},
-    'motorcycle': _motorcycle,
-    **{name: _skimage(name) for name in ('retina', 'rocket')},
+  **{
+    name: _skimage(name)
+    for name in (
+      'astronaut',
+      'brick',
+      'camera',
+      'cell',
+      'chelsea',
+      'clock',
+      'coffee',
+      'coins',
+      'grass',
+      'gravel',
+      'hubble_deep_field',
+      'immunohistochemistry',
+      'moon',
+    )
+  },
+  'motorcycle': _motorcycle,
+  **{name: _skimage(name) for name in ('retina', 'rocket')},
 }
 
 
@@ -117,10 +132,16 @@ class ImageFolderSource:
             labels.append(label)
     if not files:
       loose = [f for f in sorted(os.listdir(self.root)) if f.lower().endswith(extensions)]
-      hint = (f' It holds {len(loose)} images directly ({loose[:3]}...): put them in class sub-folders, e.g. '
-              f'{os.path.join(self.root, "0", loose[0])}.' if loose else '')
-      raise ValueError(f'image folder {self.root!r} has no images in class sub-folders ({len(classes)} sub-folders '
-                       f'{classes[:5]}, extensions {list(extensions)}).{hint}')
+      hint = (
+        f' It holds {len(loose)} images directly ({loose[:3]}...): put them in class sub-folders, e.g. '
+        f'{os.path.join(self.root, "0", loose[0])}.'
+        if loose
+        else ''
+      )
+      raise ValueError(
+        f'image folder {self.root!r} has no images in class sub-folders ({len(classes)} sub-folders '
+        f'{classes[:5]}, extensions {list(extensions)}).{hint}'
+      )
     self.class_names = tuple(classes)
     self.files = tuple(files)
     self.labels = np.asarray(labels, np.int32)
@@ -155,21 +176,30 @@ class TfdsSource:
     image_key, label_key: feature names of the image and the class label.
   """
 
-  def __init__(self, name: str, *, split: str = 'train', data_dir: str | None = None, image_key: str = 'image',
-               label_key: str = 'label'):
+  def __init__(
+    self,
+    name: str,
+    *,
+    split: str = 'train',
+    data_dir: str | None = None,
+    image_key: str = 'image',
+    label_key: str = 'label',
+  ):
     import tensorflow_datasets as tfds
 
     self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
     try:
       self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except tfds.core.registered.DatasetNotFoundError as e:
-      raise ValueError(f'unknown TFDS dataset {name!r} (no such registered builder, and none prepared in '
-                       f'data_dir={data_dir!r}).') from e
+      raise ValueError(
+        f'unknown TFDS dataset {name!r} (no such registered builder, and none prepared in data_dir={data_dir!r}).'
+      ) from e
     except NotImplementedError as e:  # what TFDS raises when there are no array_record files
       raise FileNotFoundError(
-          f'TFDS dataset {name!r} is not prepared in array_record format in data_dir={data_dir!r}. Nothing is '
-          f'downloaded at run time: prepare it first, e.g. `tfds build {name} --file_format=array_record '
-          f'--data_dir=...` (ImageNet needs its manual download).') from e
+        f'TFDS dataset {name!r} is not prepared in array_record format in data_dir={data_dir!r}. Nothing is '
+        f'downloaded at run time: prepare it first, e.g. `tfds build {name} --file_format=array_record '
+        f'--data_dir=...` (ImageNet needs its manual download).'
+      ) from e
     except ValueError as e:
       if 'split' in str(e).lower():
         raise ValueError(f'TFDS dataset {name!r} has no split {split!r}: {e}') from e
@@ -191,8 +221,9 @@ class TfdsSource:
     return f'TfdsSource({self.name!r}, split={self.split!r}, {len(self)} records)'
 
 
-def make_source(spec: str, *, split: str = 'train', data_dir: str | None = None, num_samples: int | None = None,
-                **kwargs: Any) -> Any:
+def make_source(
+  spec: str, *, split: str = 'train', data_dir: str | None = None, num_samples: int | None = None, **kwargs: Any
+) -> Any:
   """A source from a string: `embedded`, `folder:PATH`, `tfds:NAME` or `cache:PATH` (a latent cache).
 
   Args:

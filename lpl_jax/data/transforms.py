@@ -74,7 +74,7 @@ def crop_resize_flip(image: np.ndarray, cfg: CropConfig, rng: np.random.Generato
   if cfg.is_random and rng is None:
     raise ValueError('a random crop or flip needs the per-record rng of a random map.')
   top, left, side = crop_box(image.shape[0], image.shape[1], cfg, rng)
-  crop = image[top:top + side, left:left + side]
+  crop = image[top : top + side, left : left + side]
   if side != cfg.resolution:
     # PIL's bicubic filter widens its support when downsampling, so this is an antialiased resize.
     crop = np.asarray(Image.fromarray(crop).resize((cfg.resolution, cfg.resolution), Image.Resampling.BICUBIC))

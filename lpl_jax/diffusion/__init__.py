@@ -4,20 +4,39 @@ from a denoiser and a decoder (`generate`)."""
 from lpl_jax.diffusion.formulations import FORMULATIONS, Formulation, get_formulation
 from lpl_jax.diffusion.generate import GenerateFn, SamplerSettings, generate, make_generate_fn, padded_batches, to_uint8
 from lpl_jax.diffusion.samplers import (
-    SAMPLERS,
-    classifier_free_guidance,
-    ddim_step,
-    ddpm_step,
-    ddpm_timesteps,
-    flow_sigmas,
-    sample,
+  SAMPLERS,
+  classifier_free_guidance,
+  ddim_step,
+  ddpm_step,
+  ddpm_timesteps,
+  flow_sigmas,
+  sample,
 )
 from lpl_jax.diffusion.schedules import SCHEDULES, get_betas, get_schedule, rescale_zero_terminal_snr
 from lpl_jax.diffusion.timesteps import TimestepSampler, resolution_shift, shift_time
 
 __all__ = [
-    'FORMULATIONS', 'SAMPLERS', 'SCHEDULES', 'Formulation', 'GenerateFn', 'SamplerSettings', 'TimestepSampler',
-    'classifier_free_guidance', 'ddim_step', 'ddpm_step', 'ddpm_timesteps', 'flow_sigmas', 'generate',
-    'get_betas', 'get_formulation', 'get_schedule', 'make_generate_fn', 'padded_batches',
-    'rescale_zero_terminal_snr', 'resolution_shift', 'sample', 'shift_time', 'to_uint8',
+  'FORMULATIONS',
+  'SAMPLERS',
+  'SCHEDULES',
+  'Formulation',
+  'GenerateFn',
+  'SamplerSettings',
+  'TimestepSampler',
+  'classifier_free_guidance',
+  'ddim_step',
+  'ddpm_step',
+  'ddpm_timesteps',
+  'flow_sigmas',
+  'generate',
+  'get_betas',
+  'get_formulation',
+  'get_schedule',
+  'make_generate_fn',
+  'padded_batches',
+  'rescale_zero_terminal_snr',
+  'resolution_shift',
+  'sample',
+  'shift_time',
+  'to_uint8',
 ]

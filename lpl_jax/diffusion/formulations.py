@@ -106,9 +106,15 @@ class Formulation:
     return jnp.mean(err, axis=tuple(range(1, err.ndim)))
 
 
-def get_formulation(name: str, *, schedule: str = 'scaled_linear', num_steps: int = 1000,
-                    beta_start: float = 0.00085, beta_end: float = 0.012,
-                    zero_terminal_snr: bool = False) -> Formulation:
+def get_formulation(
+  name: str,
+  *,
+  schedule: str = 'scaled_linear',
+  num_steps: int = 1000,
+  beta_start: float = 0.00085,
+  beta_end: float = 0.012,
+  zero_terminal_snr: bool = False,
+) -> Formulation:
   """A formulation; the schedule arguments apply to the DDPM ones (see `get_schedule`)."""
   if name not in FORMULATIONS:
     raise ValueError(f'unknown formulation {name!r}; known: {FORMULATIONS}.')
@@ -117,5 +123,9 @@ def get_formulation(name: str, *, schedule: str = 'scaled_linear', num_steps: in
   if name == 'ddpm_eps' and zero_terminal_snr:
     # alpha_T = 0: the last step's x0 estimate from an eps prediction divides by zero (Lin et al. use v).
     raise ValueError('zero_terminal_snr needs a velocity (ddpm_v) or sample (ddpm_x0) formulation, not ddpm_eps.')
-  return Formulation(name, get_schedule(schedule, num_steps=num_steps, beta_start=beta_start, beta_end=beta_end,
-                                        zero_terminal_snr=zero_terminal_snr))
+  return Formulation(
+    name,
+    get_schedule(
+      schedule, num_steps=num_steps, beta_start=beta_start, beta_end=beta_end, zero_terminal_snr=zero_terminal_snr
+    ),
+  )

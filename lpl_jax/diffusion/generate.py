@@ -39,8 +39,16 @@ def to_uint8(images: jax.Array) -> jax.Array:
   return jnp.round((jnp.clip(images, -1, 1) + 1) * 127.5).astype(jnp.uint8)
 
 
-def make_generate_fn(model: Any, ae_model: Any, form: Formulation, *, latent_shape: tuple[int, int, int],
-                     settings: SamplerSettings, null_class: int, sharding: Any = None) -> GenerateFn:
+def make_generate_fn(
+  model: Any,
+  ae_model: Any,
+  form: Formulation,
+  *,
+  latent_shape: tuple[int, int, int],
+  settings: SamplerSettings,
+  null_class: int,
+  sharding: Any = None,
+) -> GenerateFn:
   """`(params, ae_params, key, cond) -> uint8 images [N, H, W, 3]`, jitted.
 
   Args:
@@ -64,14 +72,27 @@ def make_generate_fn(model: Any, ae_model: Any, form: Formulation, *, latent_sha
       y, null = jnp.arange(cond['context'].shape[0]), -1
 
       def model_fn(x, t, y):
-        text = {k: jnp.where((y >= 0).reshape((-1,) + (1,) * (v.ndim - 1)), v[jnp.clip(y, 0)], 0)
-                for k, v in cond.items()}
+        text = {
+          k: jnp.where((y >= 0).reshape((-1,) + (1,) * (v.ndim - 1)), v[jnp.clip(y, 0)], 0) for k, v in cond.items()
+        }
         return model.apply({'params': params}, x, t, None, **text)
+
     x_init = jax.random.normal(noise_key, (y.shape[0], *latent_shape))
     if sharding is not None:
       x_init = jax.lax.with_sharding_constraint(x_init, sharding)
-    z = sample(model_fn, form, x_init, key, sampler=settings.sampler, num_steps=settings.steps, eta=settings.eta,
-               guidance_scale=settings.guidance, y=y, null_class=null, shift=settings.shift)
+    z = sample(
+      model_fn,
+      form,
+      x_init,
+      key,
+      sampler=settings.sampler,
+      num_steps=settings.steps,
+      eta=settings.eta,
+      guidance_scale=settings.guidance,
+      y=y,
+      null_class=null,
+      shift=settings.shift,
+    )
     images = ae_model.apply({'params': ae_params}, ae_model.unscale_latents(z), method=ae_model.decode)
     return to_uint8(images)
 
@@ -84,13 +105,27 @@ def padded_batches(cond: Mapping[str, np.ndarray], batch_size: int) -> Iterator[
   num = len(next(iter(cond.values())))
   for start in range(0, num, batch_size):
     n = min(batch_size, num - start)
-    yield n, {k: np.concatenate([v[start:start + n], np.repeat(v[start + n - 1:start + n], batch_size - n, 0)])
-              for k, v in cond.items()}
+    yield (
+      n,
+      {
+        k: np.concatenate([v[start : start + n], np.repeat(v[start + n - 1 : start + n], batch_size - n, 0)])
+        for k, v in cond.items()
+      },
+    )
 
 
-def generate(fn: GenerateFn, params: Any, ae_params: Any, cond: Mapping[str, np.ndarray], *, batch_size: int,
-             seed: int, place: Callable[[np.ndarray], jax.Array] = jnp.asarray,
-             gather: Callable[[jax.Array], np.ndarray] = np.asarray, progress: bool = False) -> np.ndarray:
+def generate(
+  fn: GenerateFn,
+  params: Any,
+  ae_params: Any,
+  cond: Mapping[str, np.ndarray],
+  *,
+  batch_size: int,
+  seed: int,
+  place: Callable[[np.ndarray], jax.Array] = jnp.asarray,
+  gather: Callable[[jax.Array], np.ndarray] = np.asarray,
+  progress: bool = False,
+) -> np.ndarray:
   """uint8 images `[N, H, W, 3]` for the N rows of `cond`, batch `i` sampled with `fold_in(key(seed), i)`.
 
   Args:

@@ -51,16 +51,26 @@ def classifier_free_guidance(model_fn: ModelFn, guidance_scale: float, null_clas
     return model_fn
 
   def guided(x, t, y):
-    both = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                    jnp.concatenate([y, jnp.full_like(y, null_class)]))
+    both = model_fn(
+      jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, jnp.full_like(y, null_class)])
+    )
     cond, uncond = jnp.split(both, 2)
     return uncond + guidance_scale * (cond - uncond)
 
   return guided
 
 
-def ddim_step(formulation: Formulation, x: jax.Array, pred: jax.Array, t: jax.Array, alpha_prev: jax.Array,
-              sigma_prev: jax.Array, *, eta: float = 0.0, noise: jax.Array | None = None) -> jax.Array:
+def ddim_step(
+  formulation: Formulation,
+  x: jax.Array,
+  pred: jax.Array,
+  t: jax.Array,
+  alpha_prev: jax.Array,
+  sigma_prev: jax.Array,
+  *,
+  eta: float = 0.0,
+  noise: jax.Array | None = None,
+) -> jax.Array:
   """One DDIM update from time t to the previous grid point with `(alpha_prev, sigma_prev)` (Song et al. 2021).
 
   `x_prev = alpha_prev x0_hat + sqrt(sigma_prev^2 - std^2) eps_hat + std noise`, with
@@ -69,16 +79,17 @@ def ddim_step(formulation: Formulation, x: jax.Array, pred: jax.Array, t: jax.Ar
   """
   alpha_t, sigma_t = formulation.alpha_sigma(t)
   x0, eps = formulation.x0_hat(x, pred, t), formulation.eps_hat(x, pred, t)
-  var = (sigma_t ** 2 - (alpha_t / alpha_prev) ** 2 * sigma_prev ** 2) * sigma_prev ** 2 / sigma_t ** 2
+  var = (sigma_t**2 - (alpha_t / alpha_prev) ** 2 * sigma_prev**2) * sigma_prev**2 / sigma_t**2
   std = eta * jnp.sqrt(jnp.maximum(var, 0.0))
-  out = _bcast(alpha_prev, x) * x0 + _bcast(jnp.sqrt(jnp.maximum(sigma_prev ** 2 - std ** 2, 0.0)), x) * eps
+  out = _bcast(alpha_prev, x) * x0 + _bcast(jnp.sqrt(jnp.maximum(sigma_prev**2 - std**2, 0.0)), x) * eps
   if eta > 0:
     out = out + _bcast(std, x) * noise
   return out
 
 
-def ddpm_step(formulation: Formulation, x: jax.Array, pred: jax.Array, t: jax.Array, t_prev: jax.Array,
-              noise: jax.Array) -> jax.Array:
+def ddpm_step(
+  formulation: Formulation, x: jax.Array, pred: jax.Array, t: jax.Array, t_prev: jax.Array, noise: jax.Array
+) -> jax.Array:
   """One ancestral step of the DDPM posterior q(x_prev | x_t, x0_hat), fixed-small variance (Ho et al. 2020),
   as diffusers' DDPMScheduler; `t_prev < 0` is the final step (alpha_bar_prev = 1, no noise)."""
   ac = jnp.asarray(formulation.alphas_cumprod, jnp.float32)
@@ -87,16 +98,31 @@ def ddpm_step(formulation: Formulation, x: jax.Array, pred: jax.Array, t: jax.Ar
   alpha_step = a_t / a_prev
   beta_step = 1 - alpha_step
   x0 = formulation.x0_hat(x, pred, t)
-  mean = (_bcast(jnp.sqrt(a_prev) * beta_step / (1 - a_t), x) * x0
-          + _bcast(jnp.sqrt(alpha_step) * (1 - a_prev) / (1 - a_t), x) * x)
+  mean = (
+    _bcast(jnp.sqrt(a_prev) * beta_step / (1 - a_t), x) * x0
+    + _bcast(jnp.sqrt(alpha_step) * (1 - a_prev) / (1 - a_t), x) * x
+  )
   var = jnp.maximum((1 - a_prev) / (1 - a_t) * beta_step, 1e-20)
   return mean + _bcast(jnp.where(t > 0, jnp.sqrt(var), 0.0), x) * noise
 
 
-def sample(model_fn: ModelFn, formulation: Formulation, x_init: jax.Array, key: jax.Array, *, sampler: str = 'ddim',
-           num_steps: int = 50, eta: float = 0.0, guidance_scale: float = 1.0, y: jax.Array | None = None,
-           null_class: int | None = None, timestep_spacing: str = 'leading', steps_offset: int = 0,
-           set_alpha_to_one: bool = True, shift: float = 1.0) -> jax.Array:
+def sample(
+  model_fn: ModelFn,
+  formulation: Formulation,
+  x_init: jax.Array,
+  key: jax.Array,
+  *,
+  sampler: str = 'ddim',
+  num_steps: int = 50,
+  eta: float = 0.0,
+  guidance_scale: float = 1.0,
+  y: jax.Array | None = None,
+  null_class: int | None = None,
+  timestep_spacing: str = 'leading',
+  steps_offset: int = 0,
+  set_alpha_to_one: bool = True,
+  shift: float = 1.0,
+) -> jax.Array:
   """Runs a sampler from `x_init` (pure noise, `[B, ...]`) to a clean sample, in one `lax.scan`.
 
   Args:
@@ -119,8 +145,7 @@ def sample(model_fn: ModelFn, formulation: Formulation, x_init: jax.Array, key: 
   if formulation.is_flow and sampler == 'ddpm':
     raise ValueError("the 'ddpm' ancestral sampler needs a DDPM formulation, not flow_ot.")
   if not formulation.is_flow and sampler in ('euler', 'heun', 'rk4'):
-    raise ValueError(f'the {sampler!r} ODE sampler integrates flow velocities; use ddim/ddpm for '
-                     f'{formulation.name!r}.')
+    raise ValueError(f'the {sampler!r} ODE sampler integrates flow velocities; use ddim/ddpm for {formulation.name!r}.')
   if guidance_scale != 1.0:
     if y is None or null_class is None:
       raise ValueError('classifier-free guidance (guidance_scale != 1) needs labels y and the null_class id.')

@@ -60,8 +60,9 @@ class TimestepSampler:
     if self.logit_std <= 0 or self.shift <= 0:
       raise ValueError(f'logit_std and shift must be positive, got {self.logit_std}, {self.shift}.')
     if self.kind == 'mode' and not -1 <= self.mode_scale < 2 / (math.pi - 2):
-      raise ValueError(f'mode_scale={self.mode_scale} makes mode sampling non-monotone; use a value in '
-                       f'[-1, {2 / (math.pi - 2):.3f}).')
+      raise ValueError(
+        f'mode_scale={self.mode_scale} makes mode sampling non-monotone; use a value in [-1, {2 / (math.pi - 2):.3f}).'
+      )
 
   def quantile(self, u, xp=jnp):
     """`G(u)`: the timestep at CDF level u (vectorised; `xp` is jnp in the step, np on the host)."""
@@ -89,8 +90,10 @@ class TimestepSampler:
   def mass_below(self, formulation: Formulation, threshold: float) -> float:
     """u*: the probability that a drawn timestep has noise level sigma_t / alpha_t <= threshold."""
     if formulation.is_flow != (self.num_timesteps is None):
-      raise ValueError(f'timestep sampler (num_timesteps={self.num_timesteps}) does not match formulation '
-                       f'{formulation.name!r}: DDPM needs integer timesteps, flows continuous ones.')
+      raise ValueError(
+        f'timestep sampler (num_timesteps={self.num_timesteps}) does not match formulation '
+        f'{formulation.name!r}: DDPM needs integer timesteps, flows continuous ones.'
+      )
 
     def below(u):
       t = self.quantile(np.asarray(u, np.float64), xp=np)

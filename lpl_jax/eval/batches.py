@@ -21,8 +21,10 @@ def check_images(images: np.ndarray, what: str = 'images') -> np.ndarray:
     hint = ' (NCHW? transpose to NHWC)' if images.ndim == 4 and images.shape[1] == 3 else ''
     raise ValueError(f'{what}: expected uint8 [N, H, W, 3] images (NHWC, RGB); got shape {images.shape}{hint}.')
   if images.dtype != np.uint8:
-    raise ValueError(f'{what}: expected uint8 [N, H, W, 3] images with values 0..255; got dtype {images.dtype} '
-                     '(convert with np.clip(np.round(x * 255), 0, 255).astype(np.uint8) for floats in [0, 1]).')
+    raise ValueError(
+      f'{what}: expected uint8 [N, H, W, 3] images with values 0..255; got dtype {images.dtype} '
+      '(convert with np.clip(np.round(x * 255), 0, 255).astype(np.uint8) for floats in [0, 1]).'
+    )
   return images
 
 
@@ -39,8 +41,9 @@ def load_npz_images(path: str | os.PathLike) -> np.ndarray:
     raise FileNotFoundError(f'image batch {path!r} does not exist.')
   with np.load(path, allow_pickle=False) as data:
     if IMAGES_KEY not in data.files:
-      raise ValueError(f'{path!r} has no {IMAGES_KEY!r} array (ADM layout: arr_0 = uint8 [N, H, W, 3]); it holds '
-                       f'{sorted(data.files)}.')
+      raise ValueError(
+        f'{path!r} has no {IMAGES_KEY!r} array (ADM layout: arr_0 = uint8 [N, H, W, 3]); it holds {sorted(data.files)}.'
+      )
     images = data[IMAGES_KEY]
   return check_images(images, f'{path!r} {IMAGES_KEY}')
 

@@ -25,7 +25,7 @@ def _fixed_batches(images: np.ndarray | Iterable[np.ndarray], batch_size: int) -
   """Re-chunks an array or an iterable of `[b, H, W, 3]` arrays into `(batch [batch_size, ...], num_valid)`."""
   if isinstance(images, np.ndarray):
     array = images
-    images = (array[i:i + batch_size] for i in range(0, array.shape[0], batch_size))
+    images = (array[i : i + batch_size] for i in range(0, array.shape[0], batch_size))
   pending: list[np.ndarray] = []
   count = 0
   for chunk in images:
@@ -48,9 +48,16 @@ def default_mesh() -> Mesh | None:
   return Mesh(np.asarray(devices), (BATCH_AXIS,)) if len(devices) > 1 else None
 
 
-def extract_features(images: np.ndarray | Iterable[np.ndarray] | str | os.PathLike,
-                     apply_fn: Callable[..., jax.Array], batch_size: int, mesh: Mesh | None = None, *,
-                     params: Any = None, progress: bool = True, desc: str = 'features') -> np.ndarray:
+def extract_features(
+  images: np.ndarray | Iterable[np.ndarray] | str | os.PathLike,
+  apply_fn: Callable[..., jax.Array],
+  batch_size: int,
+  mesh: Mesh | None = None,
+  *,
+  params: Any = None,
+  progress: bool = True,
+  desc: str = 'features',
+) -> np.ndarray:
   """Features of every image, computed in fixed-size batches (sharded over `mesh`'s first axis if given).
 
   Args:
@@ -74,8 +81,9 @@ def extract_features(images: np.ndarray | Iterable[np.ndarray] | str | os.PathLi
   if mesh is not None:
     data_size = mesh.devices.shape[0]
     if batch_size % data_size:
-      raise ValueError(f'batch_size={batch_size} must be a multiple of the mesh\'s {mesh.axis_names[0]!r} axis size '
-                       f'({data_size}).')
+      raise ValueError(
+        f"batch_size={batch_size} must be a multiple of the mesh's {mesh.axis_names[0]!r} axis size ({data_size})."
+      )
     data = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
     replicated = NamedSharding(mesh, PartitionSpec())
   else:
@@ -93,11 +101,11 @@ def extract_features(images: np.ndarray | Iterable[np.ndarray] | str | os.PathLi
       batch = jax.device_put(batch, data) if data is not None else batch
       result = step(params, batch)  # dispatched asynchronously: the previous batch is fetched while this one runs
       if in_flight is not None:
-        outputs.append(np.asarray(in_flight[0], np.float32)[:in_flight[1]])
+        outputs.append(np.asarray(in_flight[0], np.float32)[: in_flight[1]])
         bar.update(in_flight[1])
       in_flight = (result, valid)
     if in_flight is not None:
-      outputs.append(np.asarray(in_flight[0], np.float32)[:in_flight[1]])
+      outputs.append(np.asarray(in_flight[0], np.float32)[: in_flight[1]])
       bar.update(in_flight[1])
   if not outputs:
     raise ValueError('no images to extract features from.')

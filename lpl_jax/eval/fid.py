@@ -23,8 +23,9 @@ from lpl_jax.eval.batches import load_npz_images
 SINGULAR_EPS = 1e-6
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *,
-                     eps: float = SINGULAR_EPS) -> float:
+def frechet_distance(
+  mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *, eps: float = SINGULAR_EPS
+) -> float:
   """`|mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))`, in float64.
 
   As pytorch-fid: when the square root of the product is not finite (singular product), `eps` is added to both
@@ -55,8 +56,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f'Frechet distance: the matrix square root has an imaginary diagonal (max |imag| = '
-                       f'{np.max(np.abs(covmean.imag))}); are the covariances positive semi-definite?')
+      raise ValueError(
+        f'Frechet distance: the matrix square root has an imaginary diagonal (max |imag| = '
+        f'{np.max(np.abs(covmean.imag))}); are the covariances positive semi-definite?'
+      )
     covmean = covmean.real
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
@@ -91,8 +94,12 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | 
   return None
 
 
-def reference_stats(path_or_features: str | os.PathLike | np.ndarray, *, cache: str | os.PathLike | None = None,
-                    feature_fn: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def reference_stats(
+  path_or_features: str | os.PathLike | np.ndarray,
+  *,
+  cache: str | os.PathLike | None = None,
+  feature_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Reference `(mu, sigma)`, computed once and cached.
 
   Args:
@@ -114,8 +121,9 @@ def reference_stats(path_or_features: str | os.PathLike | np.ndarray, *, cache: 
     stats = load_statistics(path_or_features)
     if stats is None:
       if feature_fn is None:
-        raise ValueError(f'{os.fspath(path_or_features)!r} holds no mu/sigma; computing them from its images '
-                         'needs feature_fn.')
+        raise ValueError(
+          f'{os.fspath(path_or_features)!r} holds no mu/sigma; computing them from its images needs feature_fn.'
+        )
       stats = feature_statistics(feature_fn(load_npz_images(path_or_features)))
   else:
     stats = feature_statistics(path_or_features)

@@ -57,6 +57,7 @@ class FrozenBatchNorm(nn.Module):
 
 class BasicConv2d(nn.Module):
   """torchvision's `BasicConv2d`: conv without bias -> batch norm (eps 1e-3) -> ReLU."""
+
   features: int
   kernel_size: int | tuple[int, int]
   strides: int = 1
@@ -66,8 +67,15 @@ class BasicConv2d(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     ph, pw = _pair(self.padding)
-    x = nn.Conv(self.features, _pair(self.kernel_size), strides=_pair(self.strides), padding=((ph, ph), (pw, pw)),
-                use_bias=False, precision=self.precision, name='conv')(x)
+    x = nn.Conv(
+      self.features,
+      _pair(self.kernel_size),
+      strides=_pair(self.strides),
+      padding=((ph, ph), (pw, pw)),
+      use_bias=False,
+      precision=self.precision,
+      name='conv',
+    )(x)
     return nn.relu(FrozenBatchNorm(name='bn')(x))
 
 
@@ -144,6 +152,7 @@ class InceptionD(nn.Module):
 
 class FIDInceptionE(nn.Module):
   """`FIDInceptionE_1` (average pool without padding) or, with `max_pool=True`, `FIDInceptionE_2` (max pool)."""
+
   max_pool: bool
   precision: Any = jax.lax.Precision.HIGHEST
 
@@ -152,11 +161,21 @@ class FIDInceptionE(nn.Module):
     conv = lambda *a, **k: BasicConv2d(*a, precision=self.precision, **k)
     b1 = conv(320, 1, name='branch1x1')(x)
     b3 = conv(384, 1, name='branch3x3_1')(x)
-    b3 = jnp.concatenate([conv(384, (1, 3), padding=(0, 1), name='branch3x3_2a')(b3),
-                          conv(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3)], axis=-1)
+    b3 = jnp.concatenate(
+      [
+        conv(384, (1, 3), padding=(0, 1), name='branch3x3_2a')(b3),
+        conv(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3),
+      ],
+      axis=-1,
+    )
     bd = conv(384, 3, padding=1, name='branch3x3dbl_2')(conv(448, 1, name='branch3x3dbl_1')(x))
-    bd = jnp.concatenate([conv(384, (1, 3), padding=(0, 1), name='branch3x3dbl_3a')(bd),
-                          conv(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd)], axis=-1)
+    bd = jnp.concatenate(
+      [
+        conv(384, (1, 3), padding=(0, 1), name='branch3x3dbl_3a')(bd),
+        conv(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd),
+      ],
+      axis=-1,
+    )
     if self.max_pool:
       # FID patch (`FIDInceptionE_2`): the TF graph max-pools here where the paper's network averages.
       pooled = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
@@ -213,6 +232,7 @@ class FIDInceptionV3(nn.Module):
   Attributes:
     precision: matmul/conv precision. `HIGHEST` by default so TPU/GPU features match float32 references.
   """
+
   precision: Any = jax.lax.Precision.HIGHEST
 
   def setup(self):
@@ -242,8 +262,19 @@ class FIDInceptionV3(nn.Module):
     x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
     x = _max_pool_3x3_s2(x)
     x = _max_pool_3x3_s2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))
-    for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                  self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+    for block in (
+      self.Mixed_5b,
+      self.Mixed_5c,
+      self.Mixed_5d,
+      self.Mixed_6a,
+      self.Mixed_6b,
+      self.Mixed_6c,
+      self.Mixed_6d,
+      self.Mixed_6e,
+      self.Mixed_7a,
+      self.Mixed_7b,
+      self.Mixed_7c,
+    ):
       x = block(x)
     return jnp.mean(x, axis=(1, 2))
 
@@ -268,8 +299,10 @@ def init_params(model: FIDInceptionV3, rng: jax.Array) -> dict:
 
 _BN_LEAVES = {'running_mean': 'mean', 'running_var': 'var'}  # batch-norm statistics are parameters here
 _IGNORED_SUFFIX = '.num_batches_tracked'  # a training counter in newer torch state dicts, not a weight
-_NO_TORCH_HINT = ('Either install torch, or convert the file once where torch is available with '
-                  'lpl_jax.eval.convert_weights(src, dst.npz) and pass the .npz.')
+_NO_TORCH_HINT = (
+  'Either install torch, or convert the file once where torch is available with '
+  'lpl_jax.eval.convert_weights(src, dst.npz) and pass the .npz.'
+)
 
 
 def _torch_name(path: weights.Path) -> str:
@@ -288,18 +321,31 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict:
   Raises:
     WeightsMismatchError: naming every missing, unexpected, mis-shaped and non-floating-point tensor.
   """
-  tensors = ((name, weights.torch_name_to_path(name, np.ndim(array), leaves=_BN_LEAVES),
-              weights.torch_to_flax(np.asarray(array)))
-             for name, array in state_dict.items() if not name.endswith(_IGNORED_SUFFIX))
-  converted = weights.match_params(tensors, _expected_shapes(), model='FID Inception', name_of=_torch_name,
-                                   target='pytorch-fid\'s FID InceptionV3 (fid_inception_v3)')
+  tensors = (
+    (
+      name,
+      weights.torch_name_to_path(name, np.ndim(array), leaves=_BN_LEAVES),
+      weights.torch_to_flax(np.asarray(array)),
+    )
+    for name, array in state_dict.items()
+    if not name.endswith(_IGNORED_SUFFIX)
+  )
+  converted = weights.match_params(
+    tensors,
+    _expected_shapes(),
+    model='FID Inception',
+    name_of=_torch_name,
+    target="pytorch-fid's FID InceptionV3 (fid_inception_v3)",
+  )
   return flax.traverse_util.unflatten_dict({p: jnp.asarray(v, jnp.float32) for p, v in converted.items()})
 
 
 def params_to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Flax params -> pytorch-fid state dict (names and layouts of `fid_inception_v3().state_dict()`), float32."""
-  return {_torch_name(path): np.ascontiguousarray(weights.flax_to_torch(np.asarray(v, np.float32)))
-          for path, v in flax.traverse_util.flatten_dict(params).items()}
+  return {
+    _torch_name(path): np.ascontiguousarray(weights.flax_to_torch(np.asarray(v, np.float32)))
+    for path, v in flax.traverse_util.flatten_dict(params).items()
+  }
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -307,13 +353,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f'Inception weights file {path!r} does not exist. FID uses pytorch-fid\'s {WEIGHTS_FILENAME} (or its .npz '
-        'export); nothing is downloaded by this library, see docs/eval.md for how to get the file.')
+      f"Inception weights file {path!r} does not exist. FID uses pytorch-fid's {WEIGHTS_FILENAME} (or its .npz "
+      'export); nothing is downloaded by this library, see docs/eval.md for how to get the file.'
+    )
   return weights.read_tensors(path, no_torch_hint=_NO_TORCH_HINT)
 
 
-def load_inception(path: str | os.PathLike, *, precision: Any = jax.lax.Precision.HIGHEST) -> tuple[
-    FIDInceptionV3, dict]:
+def load_inception(
+  path: str | os.PathLike, *, precision: Any = jax.lax.Precision.HIGHEST
+) -> tuple[FIDInceptionV3, dict]:
   """Loads pytorch-fid's FID Inception weights.
 
   Args:

@@ -37,8 +37,11 @@ DC_NEAREST_K = 5  # Naeem et al.
 
 def _pairwise_distances(a: jax.Array, b: jax.Array) -> jax.Array:
   """`[n, D], [m, D] -> [n, m]` Euclidean distances (float32, matmul at full precision)."""
-  sq = (jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :]
-        - 2.0 * jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST))
+  sq = (
+    jnp.sum(a * a, axis=1)[:, None]
+    + jnp.sum(b * b, axis=1)[None, :]
+    - 2.0 * jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
+  )
   return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
@@ -80,12 +83,21 @@ def _prdc_counts(real: jax.Array, fake: jax.Array, *, nearest_k: int, block_size
   in_real_manifold, real_balls_count = _map_row_blocks(fake_block, fake, block_size)
   in_fake_manifold, nearest_fake = _map_row_blocks(real_block, real, block_size)
   # Integer counts; the ratios are taken on the host in float64.
-  return dict(precision=jnp.sum(in_real_manifold), recall=jnp.sum(in_fake_manifold),
-              density=jnp.sum(real_balls_count), coverage=jnp.sum(nearest_fake < real_radii))
+  return dict(
+    precision=jnp.sum(in_real_manifold),
+    recall=jnp.sum(in_fake_manifold),
+    density=jnp.sum(real_balls_count),
+    coverage=jnp.sum(nearest_fake < real_radii),
+  )
 
 
-def prdc(real_features: np.ndarray | jax.Array, fake_features: np.ndarray | jax.Array, *, nearest_k: int,
-         block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, float]:
+def prdc(
+  real_features: np.ndarray | jax.Array,
+  fake_features: np.ndarray | jax.Array,
+  *,
+  nearest_k: int,
+  block_size: int = DEFAULT_BLOCK_SIZE,
+) -> dict[str, float]:
   """Precision, recall, density and coverage of `fake_features` w.r.t. `real_features` (definitions above).
 
   Args:
@@ -105,9 +117,15 @@ def prdc(real_features: np.ndarray | jax.Array, fake_features: np.ndarray | jax.
     raise ValueError(f'nearest_k must be >= 1; got {nearest_k}.')
   for name, x in (('real', real), ('fake', fake)):
     if x.shape[0] < nearest_k + 1:
-      raise ValueError(f'{x.shape[0]} {name} samples are too few for nearest_k={nearest_k}: the k-th nearest '
-                       f'neighbour (self excluded) needs at least {nearest_k + 1}.')
+      raise ValueError(
+        f'{x.shape[0]} {name} samples are too few for nearest_k={nearest_k}: the k-th nearest '
+        f'neighbour (self excluded) needs at least {nearest_k + 1}.'
+      )
   counts = jax.device_get(_prdc_counts(real, fake, nearest_k=nearest_k, block_size=block_size))
   n, m = real.shape[0], fake.shape[0]
-  return dict(precision=int(counts['precision']) / m, recall=int(counts['recall']) / n,
-              density=int(counts['density']) / (nearest_k * m), coverage=int(counts['coverage']) / n)
+  return dict(
+    precision=int(counts['precision']) / m,
+    recall=int(counts['recall']) / n,
+    density=int(counts['density']) / (nearest_k * m),
+    coverage=int(counts['coverage']) / n,
+  )

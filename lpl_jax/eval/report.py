@@ -25,13 +25,16 @@ def features_and_masks(model: AutoencoderKL, params, z_scaled: jax.Array, cfg: l
   give them (`lpl.layer_masks`; None for taps without one): `[(name, features [B, H, W, C], mask or None)]`, NumPy.
   """
   z = model.unscale_latents(z_scaled)
-  feats = model.apply({'params': params}, z, cfg.deepest_block, cfg.apply_post_quant_conv,
-                      method=model.decoder_features)
+  feats = model.apply(
+    {'params': params}, z, cfg.deepest_block, cfg.apply_post_quant_conv, method=model.decoder_features
+  )
   used = [jnp.asarray(feats[i], jnp.float32) for i in cfg.used_layers]
   image_size = z_scaled.shape[1] * model.config.downsample_factor
   masks = lpl_lib.layer_masks(used, cfg, image_size)
-  return [(TAP_NAMES[i] if i < len(TAP_NAMES) else f'tap_{i}', np.asarray(f), None if m is None else np.asarray(m))
-          for i, f, m in zip(cfg.used_layers, used, masks, strict=True)]
+  return [
+    (TAP_NAMES[i] if i < len(TAP_NAMES) else f'tap_{i}', np.asarray(f), None if m is None else np.asarray(m))
+    for i, f, m in zip(cfg.used_layers, used, masks, strict=True)
+  ]
 
 
 def feature_mask_figure(taps, path: str, *, image: np.ndarray | None = None, sample: int = 0) -> str:
@@ -102,7 +105,7 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
   grid = np.zeros((rows * h, columns * w, ch), np.uint8)
   for i, image in enumerate(images):
     r, c = divmod(i, columns)
-    grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
   return grid
 
 

@@ -24,8 +24,9 @@ from lpl_jax.eval.prdc import DC_NEAREST_K, PR_NEAREST_K, prdc
 REF_STATS = ('computed', 'stored')
 
 
-def _reference(ref: str, ref_stats: str, ref_cache: str | None,
-               feature_fn: Callable[[str, str], np.ndarray]) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, str]:
+def _reference(
+  ref: str, ref_stats: str, ref_cache: str | None, feature_fn: Callable[[str, str], np.ndarray]
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, str]:
   """`(ref_features or None, mu, sigma, where the statistics came from)` of the reference."""
   if ref_cache and os.path.isfile(ref_cache):
     with np.load(ref_cache, allow_pickle=False) as data:
@@ -48,10 +49,19 @@ def _reference(ref: str, ref_stats: str, ref_cache: str | None,
   return features, *feature_statistics(features), f'Inception features of {ref} images'
 
 
-def evaluate_samples(samples: str | os.PathLike, ref: str | os.PathLike, inception: str | os.PathLike, *,
-                     batch_size: int = 50, nearest_k_pr: int = PR_NEAREST_K, nearest_k_dc: int = DC_NEAREST_K,
-                     ref_stats: str = 'computed', ref_cache: str | os.PathLike | None = None, progress: bool = True,
-                     out: str | os.PathLike | None = None) -> dict:
+def evaluate_samples(
+  samples: str | os.PathLike,
+  ref: str | os.PathLike,
+  inception: str | os.PathLike,
+  *,
+  batch_size: int = 50,
+  nearest_k_pr: int = PR_NEAREST_K,
+  nearest_k_dc: int = DC_NEAREST_K,
+  ref_stats: str = 'computed',
+  ref_cache: str | os.PathLike | None = None,
+  progress: bool = True,
+  out: str | os.PathLike | None = None,
+) -> dict:
   """FID, precision, recall, density and coverage of `samples` against `ref`.
 
   The inputs are checked (files exist, the samples' layout and count) before the Inception weights are imported,
@@ -111,9 +121,13 @@ def evaluate_samples(samples: str | os.PathLike, ref: str | os.PathLike, incepti
     metrics.update(precision=pr['precision'], recall=pr['recall'], density=dc['density'], coverage=dc['coverage'])
   else:
     metrics.update(precision=None, recall=None, density=None, coverage=None)
-  metrics.update(num_samples=int(fake.shape[0]),
-                 num_reference=None if ref_features is None else int(ref_features.shape[0]),
-                 nearest_k_pr=nearest_k_pr, nearest_k_dc=nearest_k_dc, reference_statistics=ref_source)
+  metrics.update(
+    num_samples=int(fake.shape[0]),
+    num_reference=None if ref_features is None else int(ref_features.shape[0]),
+    nearest_k_pr=nearest_k_pr,
+    nearest_k_dc=nearest_k_dc,
+    reference_statistics=ref_source,
+  )
   if out is not None:
     out = os.fspath(out)
     tmp = out + '.tmp'

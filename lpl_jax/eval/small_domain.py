@@ -30,8 +30,20 @@ from PIL import Image
 from lpl_jax.eval import fid
 
 METRIC_NAME = 'Frechet distance (small-domain features, NOT Inception-FID)'
-PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'hubble_deep_field', 'immunohistochemistry', 'retina',
-          'camera', 'brick', 'grass', 'gravel', 'moon')
+PHOTOS = (
+  'astronaut',
+  'coffee',
+  'chelsea',
+  'rocket',
+  'hubble_deep_field',
+  'immunohistochemistry',
+  'retina',
+  'camera',
+  'brick',
+  'grass',
+  'gravel',
+  'moon',
+)
 INPUT_SIZE = 64
 FEATURE_DIM = 128
 _LABEL_KEY = '__label__'
@@ -40,11 +52,14 @@ _PHOTO_SIDE = 256  # photographs are resized so their short side is this, before
 
 class SmallDomainCNN(nn.Module):
   """Conv(16,s2) -> Conv(32,s2) -> Conv(64,s2) -> Conv(128,s2) -> global mean -> Dense(128) [features] -> classes."""
+
   num_classes: int = len(PHOTOS)
 
   def setup(self):
-    self.convs = [nn.Conv(width, (3, 3), strides=(stride, stride), name=f'conv_{i}')
-                  for i, (width, stride) in enumerate(((16, 2), (32, 2), (64, 2), (128, 2)))]
+    self.convs = [
+      nn.Conv(width, (3, 3), strides=(stride, stride), name=f'conv_{i}')
+      for i, (width, stride) in enumerate(((16, 2), (32, 2), (64, 2), (128, 2)))
+    ]
     self.penultimate = nn.Dense(FEATURE_DIM)
     self.classifier = nn.Dense(self.num_classes)
 
@@ -97,7 +112,7 @@ def photo_crops(rng: np.random.Generator, num: int, size: int = INPUT_SIZE) -> t
     h, w = photo.shape[:2]
     side = int(rng.uniform(0.2, 1.0) * min(h, w))
     top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-    crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size), Image.Resampling.BILINEAR)
+    crop = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.Resampling.BILINEAR)
     crop = np.asarray(crop)
     images[i] = crop[:, ::-1] if rng.random() < 0.5 else crop
   return images, labels
@@ -121,9 +136,16 @@ def _accuracy(params, images, labels):
   return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
 
 
-def train_small_domain_extractor(*, steps: int = 300, batch_size: int = 64, learning_rate: float = 2e-3,
-                                 num_crops: int = 4096, seed: int = 0, path: str | os.PathLike | None = None,
-                                 verbose: bool = True) -> tuple[dict, dict[str, float]]:
+def train_small_domain_extractor(
+  *,
+  steps: int = 300,
+  batch_size: int = 64,
+  learning_rate: float = 2e-3,
+  num_crops: int = 4096,
+  seed: int = 0,
+  path: str | os.PathLike | None = None,
+  verbose: bool = True,
+) -> tuple[dict, dict[str, float]]:
   """Trains the small-domain CNN (NOT Inception) to classify crops of scikit-image's photographs.
 
   Args:
@@ -150,11 +172,16 @@ def train_small_domain_extractor(*, steps: int = 300, batch_size: int = 64, lear
   for _ in range(steps):
     idx = rng.integers(0, num_crops, batch_size)
     params, opt_state, loss = _train_step(params, opt_state, images[idx], labels[idx], tx=tx)
-  info = dict(final_loss=float(loss), heldout_accuracy=float(_accuracy(params, heldout_images, heldout_labels)),
-              seconds=time.perf_counter() - start)
+  info = dict(
+    final_loss=float(loss),
+    heldout_accuracy=float(_accuracy(params, heldout_images, heldout_labels)),
+    seconds=time.perf_counter() - start,
+  )
   if verbose:
-    print(f'small-domain feature extractor (NOT Inception): {len(PHOTOS)} photographs, {steps} steps, '
-          f'held-out crop accuracy {info["heldout_accuracy"]:.3f}, {info["seconds"]:.1f} s')
+    print(
+      f'small-domain feature extractor (NOT Inception): {len(PHOTOS)} photographs, {steps} steps, '
+      f'held-out crop accuracy {info["heldout_accuracy"]:.3f}, {info["seconds"]:.1f} s'
+    )
   if path is not None:
     save_params(path, params)
   return params, info
@@ -174,8 +201,9 @@ def load_params(path: str | os.PathLike) -> dict:
   """Reads parameters written by `save_params`, checking names and shapes against `SmallDomainCNN`."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'small-domain extractor parameters {path!r} do not exist '
-                            '(train_small_domain_extractor(path=...) writes them).')
+    raise FileNotFoundError(
+      f'small-domain extractor parameters {path!r} do not exist (train_small_domain_extractor(path=...) writes them).'
+    )
   with np.load(path, allow_pickle=False) as data:
     if _LABEL_KEY not in data.files:
       raise ValueError(f'{path!r} was not written by save_params (no {_LABEL_KEY!r} entry).')
@@ -184,17 +212,22 @@ def load_params(path: str | os.PathLike) -> dict:
   expected = {k: v.shape for k, v in flax.traverse_util.flatten_dict(expected['params']).items()}
   got = {k: v.shape for k, v in flat.items()}
   if got != expected:
-    raise ValueError(f'{path!r} does not match SmallDomainCNN: missing {sorted(set(expected) - set(got))}, '
-                     f'unexpected {sorted(set(got) - set(expected))}, mis-shaped '
-                     f'{sorted(k for k in set(got) & set(expected) if got[k] != expected[k])}.')
+    raise ValueError(
+      f'{path!r} does not match SmallDomainCNN: missing {sorted(set(expected) - set(got))}, '
+      f'unexpected {sorted(set(got) - set(expected))}, mis-shaped '
+      f'{sorted(k for k in set(got) & set(expected) if got[k] != expected[k])}.'
+    )
   return flax.traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
 
 
-def small_domain_frechet_distance(params: Mapping[str, Any], images_a: np.ndarray, images_b: np.ndarray, *,
-                                  batch_size: int = 64) -> float:
+def small_domain_frechet_distance(
+  params: Mapping[str, Any], images_a: np.ndarray, images_b: np.ndarray, *, batch_size: int = 64
+) -> float:
   """Frechet distance between the small-domain features of two uint8 `[N, H, W, 3]` sets: NOT Inception-FID."""
   from lpl_jax.eval.features import extract_features
 
-  stats = [fid.feature_statistics(extract_features(x, small_domain_features, batch_size, params=params,
-                                                   progress=False)) for x in (images_a, images_b)]
+  stats = [
+    fid.feature_statistics(extract_features(x, small_domain_features, batch_size, params=params, progress=False))
+    for x in (images_a, images_b)
+  ]
   return fid.frechet_distance(*stats[0], *stats[1])

@@ -64,7 +64,7 @@ def radial_power_spectrum(images: np.ndarray | jax.Array, *, batch_size: int = 6
   bins, num_bins = radial_bins(h, w)
   total = np.zeros(num_bins, np.float64)
   for i in range(0, n, batch_size):
-    batch = jnp.asarray(images[i:i + batch_size], jnp.float32) * scale
+    batch = jnp.asarray(images[i : i + batch_size], jnp.float32) * scale
     total += np.asarray(_radial_sums(batch, jnp.asarray(bins), num_bins), np.float64)
   counts = np.bincount(bins[bins >= 0], minlength=num_bins)
   return total / (counts * n * c)
@@ -80,8 +80,9 @@ def log_spectrum_difference(spec: np.ndarray, reference: np.ndarray) -> np.ndarr
   return np.log10(np.maximum(spec, tiny)) - np.log10(np.maximum(reference, tiny))
 
 
-def plot_spectrum_difference(spec_a: np.ndarray, spec_b: np.ndarray, labels: Sequence[str],
-                             path: str | os.PathLike) -> None:
+def plot_spectrum_difference(
+  spec_a: np.ndarray, spec_b: np.ndarray, labels: Sequence[str], path: str | os.PathLike
+) -> None:
   """Writes a PNG comparing two radially averaged power spectra, in the manner of the paper's Figures 4-5.
 
   Top: both log power spectra against frequency. Bottom: `log10 S_a(f) - log10 S_b(f)` (`log_spectrum_difference`),

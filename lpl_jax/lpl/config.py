@@ -76,9 +76,15 @@ class LPLConfig:
   remat: bool = True
 
   def __post_init__(self):
-    for name, allowed in (('normalization', NORMALIZATIONS), ('depth_weights', DEPTH_WEIGHTS),
-                          ('distance', DISTANCES), ('reduction', REDUCTIONS), ('mask_source', MASK_SOURCES),
-                          ('gate', GATES), ('space', SPACES)):
+    for name, allowed in (
+      ('normalization', NORMALIZATIONS),
+      ('depth_weights', DEPTH_WEIGHTS),
+      ('distance', DISTANCES),
+      ('reduction', REDUCTIONS),
+      ('mask_source', MASK_SOURCES),
+      ('gate', GATES),
+      ('space', SPACES),
+    ):
       if getattr(self, name) not in allowed:
         raise ValueError(f'LPLConfig.{name}={getattr(self, name)!r}; expected one of {allowed}.')
     if self.num_blocks < 0:
@@ -92,13 +98,17 @@ class LPLConfig:
         raise ValueError(f'LPLConfig.layers={self.layers}: give distinct tap indices, or None for all.')
       bad = [i for i in self.layers if not 0 <= i <= self.num_blocks]
       if bad:
-        raise ValueError(f'LPLConfig.layers contains {bad}: with num_blocks={self.num_blocks} the decoder gives '
-                         f'taps 0..{self.num_blocks}.')
+        raise ValueError(
+          f'LPLConfig.layers contains {bad}: with num_blocks={self.num_blocks} the decoder gives '
+          f'taps 0..{self.num_blocks}.'
+        )
     if any(i < 0 for i in self.outlier_layers):
       raise ValueError(f'LPLConfig.outlier_layers={self.outlier_layers}: tap indices are >= 0.')
     if self.layer_weights is not None and len(self.layer_weights) != len(self.used_layers):
-      raise ValueError(f'LPLConfig.layer_weights has {len(self.layer_weights)} entries for '
-                       f'{len(self.used_layers)} used taps {self.used_layers}.')
+      raise ValueError(
+        f'LPLConfig.layer_weights has {len(self.layer_weights)} entries for '
+        f'{len(self.used_layers)} used taps {self.used_layers}.'
+      )
     if not 0 <= self.quant < 0.5:
       raise ValueError(f'LPLConfig.quant must be in [0, 0.5), got {self.quant}.')
     if self.margin_std < 0:
@@ -108,8 +118,7 @@ class LPLConfig:
     if not 0 < self.approx_recall <= 1:
       raise ValueError(f'LPLConfig.approx_recall must be in (0, 1], got {self.approx_recall}.')
     if self.tau <= 0 or self.base_resolution <= 0:
-      raise ValueError(f'LPLConfig.tau and base_resolution must be positive, got {self.tau}, '
-                       f'{self.base_resolution}.')
+      raise ValueError(f'LPLConfig.tau and base_resolution must be positive, got {self.tau}, {self.base_resolution}.')
     if self.weight < 0:
       raise ValueError(f'LPLConfig.weight must be >= 0, got {self.weight}.')
 
@@ -134,16 +143,37 @@ class LPLConfig:
 
 
 PRESETS: dict[str, LPLConfig] = {
-    # The paper's text (sections 3.2, 4.1, 4.3, appendix A.3) and post-training defaults.
-    'paper': LPLConfig(
-        num_blocks=4, outlier_removal=True, outlier_layers=(2, 3, 4), mask_source='pred', normalization='paper',
-        distance='l2', depth_weights='inverse_upscale', reduction='sum', apply_post_quant_conv=True, weight=3.0,
-        # The paper's best tau lies between 3 and 6 at 256 px (Figure 6) without a single stated value; 5 keeps
-        # about 80% of uniformly drawn timesteps under the SD quadratic schedule.
-        gate='snr', tau=5.0),
-    # The public PyTorch reference (diffusers research project "lpl"), its recommended starting point.
-    'reference': LPLConfig(
-        num_blocks=4, outlier_removal=True, outlier_layers=(2, 3, 4), mask_source='target', normalization='shared',
-        distance='l2', depth_weights='power_law', reduction='mean', apply_post_quant_conv=False, weight=1.0,
-        gate='timestep', t_threshold=200, scale_with_resolution=False),
+  # The paper's text (sections 3.2, 4.1, 4.3, appendix A.3) and post-training defaults.
+  'paper': LPLConfig(
+    num_blocks=4,
+    outlier_removal=True,
+    outlier_layers=(2, 3, 4),
+    mask_source='pred',
+    normalization='paper',
+    distance='l2',
+    depth_weights='inverse_upscale',
+    reduction='sum',
+    apply_post_quant_conv=True,
+    weight=3.0,
+    # The paper's best tau lies between 3 and 6 at 256 px (Figure 6) without a single stated value; 5 keeps
+    # about 80% of uniformly drawn timesteps under the SD quadratic schedule.
+    gate='snr',
+    tau=5.0,
+  ),
+  # The public PyTorch reference (diffusers research project "lpl"), its recommended starting point.
+  'reference': LPLConfig(
+    num_blocks=4,
+    outlier_removal=True,
+    outlier_layers=(2, 3, 4),
+    mask_source='target',
+    normalization='shared',
+    distance='l2',
+    depth_weights='power_law',
+    reduction='mean',
+    apply_post_quant_conv=False,
+    weight=1.0,
+    gate='timestep',
+    t_threshold=200,
+    scale_with_resolution=False,
+  ),
 }

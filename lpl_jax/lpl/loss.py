@@ -45,8 +45,9 @@ class FeaturesFn:
   def __call__(self, z_scaled: jax.Array, num_blocks: int) -> list[jax.Array]:
     params = jax.lax.stop_gradient(self.params)
     z = self.model.unscale_latents(z_scaled)
-    return self.model.apply({'params': params}, z, num_blocks, self.apply_post_quant_conv,
-                            method=AutoencoderKL.decoder_features)
+    return self.model.apply(
+      {'params': params}, z, num_blocks, self.apply_post_quant_conv, method=AutoencoderKL.decoder_features
+    )
 
   def decode(self, z_scaled: jax.Array) -> jax.Array:
     params = jax.lax.stop_gradient(self.params)
@@ -59,8 +60,9 @@ def make_features_fn(model: AutoencoderKL, params: Any, cfg: LPLConfig) -> Featu
   Call it inside the jitted step with the autoencoder params passed to the step as an argument.
   """
   if cfg.num_blocks > model.config.num_up_blocks:
-    raise ValueError(f'decoder has {model.config.num_up_blocks} up blocks, LPLConfig.num_blocks asks for '
-                     f'{cfg.num_blocks}.')
+    raise ValueError(
+      f'decoder has {model.config.num_up_blocks} up blocks, LPLConfig.num_blocks asks for {cfg.num_blocks}.'
+    )
   return FeaturesFn(model.clone(remat=cfg.remat), params, cfg.apply_post_quant_conv)
 
 
@@ -99,16 +101,32 @@ def layer_masks(features: Sequence[jax.Array], cfg: LPLConfig, image_size: int) 
   masks = []
   for i, f, down in zip(cfg.used_layers, features, downs, strict=True):
     if cfg.outlier_removal and i in cfg.outlier_layers:
-      masks.append(outlier_mask(_at_least_f32(f), quant=cfg.quant, down_factor=down, opening=opening, closing=closing,
-                                margin_std=cfg.margin_std, approx=cfg.approx_top_k, recall_target=cfg.approx_recall))
+      masks.append(
+        outlier_mask(
+          _at_least_f32(f),
+          quant=cfg.quant,
+          down_factor=down,
+          opening=opening,
+          closing=closing,
+          margin_std=cfg.margin_std,
+          approx=cfg.approx_top_k,
+          recall_target=cfg.approx_recall,
+        )
+      )
     else:
       masks.append(None)
   return masks
 
 
-def lpl_loss(features_fn: Callable[[jax.Array, int], list[jax.Array]], z0_hat: jax.Array, z0: jax.Array,
-             cfg: LPLConfig, *, sample_weights: jax.Array | None = None,
-             downsample_factor: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def lpl_loss(
+  features_fn: Callable[[jax.Array, int], list[jax.Array]],
+  z0_hat: jax.Array,
+  z0: jax.Array,
+  cfg: LPLConfig,
+  *,
+  sample_weights: jax.Array | None = None,
+  downsample_factor: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Latent perceptual loss per sample.
 
   Args:
@@ -128,8 +146,10 @@ def lpl_loss(features_fn: Callable[[jax.Array, int], list[jax.Array]], z0_hat: j
   chex.assert_equal_shape([z0_hat, z0])
   factor = downsample_factor or getattr(features_fn, 'downsample_factor', None)
   if factor is None:
-    raise ValueError('lpl_loss needs the autoencoder downsample factor: pass downsample_factor= or a features_fn '
-                     'with a downsample_factor attribute (make_features_fn gives one).')
+    raise ValueError(
+      'lpl_loss needs the autoencoder downsample factor: pass downsample_factor= or a features_fn '
+      'with a downsample_factor attribute (make_features_fn gives one).'
+    )
   image_size = z0.shape[1] * factor
   z0 = jax.lax.stop_gradient(z0)
 
@@ -138,8 +158,7 @@ def lpl_loss(features_fn: Callable[[jax.Array, int], list[jax.Array]], z0_hat: j
       raise ValueError("LPLConfig.space='image' needs a features_fn with .decode (use make_features_fn).")
     pred, target = features_fn.decode(z0_hat), jax.lax.stop_gradient(features_fn.decode(z0))
     loss = terms.masked_distance(pred, target, distance=cfg.distance)
-    aux = dict(layer_loss=loss[:, None], outlier_fraction=jnp.zeros_like(loss)[:, None],
-               layer_weights=jnp.ones((1,)))
+    aux = dict(layer_loss=loss[:, None], outlier_fraction=jnp.zeros_like(loss)[:, None], layer_weights=jnp.ones((1,)))
     return _weighted(loss, sample_weights), aux
 
   depth = cfg.deepest_block
@@ -183,8 +202,9 @@ def _weighted(loss: jax.Array, sample_weights: jax.Array | None) -> jax.Array:
   return loss * sample_weights
 
 
-def noise_level_gate(alpha: jax.Array, sigma: jax.Array, *, tau: float, resolution: int,
-                     base_resolution: int = 256) -> jax.Array:
+def noise_level_gate(
+  alpha: jax.Array, sigma: jax.Array, *, tau: float, resolution: int, base_resolution: int = 256
+) -> jax.Array:
   """1.0 where the noise level sigma_t / alpha_t <= tau * resolution / base_resolution, else 0.0 (`[B]`).
 
   The threshold grows with resolution as the paper's section 4.1 prescribes (after Esser et al. 2024).
@@ -198,8 +218,14 @@ def timestep_gate(t: jax.Array, *, threshold: int | float) -> jax.Array:
   return (t < threshold).astype(jnp.float32)
 
 
-def gate_weights(cfg: LPLConfig, *, resolution: int, alpha: jax.Array | None = None, sigma: jax.Array | None = None,
-                 t: jax.Array | None = None) -> jax.Array | None:
+def gate_weights(
+  cfg: LPLConfig,
+  *,
+  resolution: int,
+  alpha: jax.Array | None = None,
+  sigma: jax.Array | None = None,
+  t: jax.Array | None = None,
+) -> jax.Array | None:
   """Per-sample weights of `cfg.gate` (None for `'none'`)."""
   if cfg.gate == 'none':
     return None

@@ -50,8 +50,9 @@ def quantile_ranks(num: int, quant: float) -> tuple[int, int]:
   return k_low, k_high
 
 
-def kth_smallest_pair(x: jax.Array, k_low: int, k_high: int, *, approx: bool = False,
-                      recall_target: float = 0.95) -> tuple[jax.Array, jax.Array]:
+def kth_smallest_pair(
+  x: jax.Array, k_low: int, k_high: int, *, approx: bool = False, recall_target: float = 0.95
+) -> tuple[jax.Array, jax.Array]:
   """The `k_low`-th and `k_high`-th smallest values along the last axis (1-based), from the two tails with top-k.
 
   Both tails are short (`k_low` and `num - k_high + 1` elements), so no full sort is done. `approx=True` uses
@@ -88,9 +89,17 @@ def _filter(x: jax.Array, size: int, op) -> jax.Array:
   return x
 
 
-def outlier_mask(feat: jax.Array, *, quant: float = 0.02, down_factor: int | float = 1, opening: int = 5,
-                 closing: int = 3, margin_std: float = 2.0, approx: bool = False,
-                 recall_target: float = 0.95) -> jax.Array:
+def outlier_mask(
+  feat: jax.Array,
+  *,
+  quant: float = 0.02,
+  down_factor: int | float = 1,
+  opening: int = 5,
+  closing: int = 3,
+  margin_std: float = 2.0,
+  approx: bool = False,
+  recall_target: float = 0.95,
+) -> jax.Array:
   """Keep-mask of one feature map (Algorithm 1): True where the value is not an outlier.
 
   Args:

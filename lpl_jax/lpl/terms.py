@@ -23,8 +23,9 @@ def _count(mask: jax.Array | None, x: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.sum(mask, axis=(1, 2), keepdims=True, dtype=x.dtype), 1.0)
 
 
-def standardize_shared(pred: jax.Array, target: jax.Array,
-                       mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def standardize_shared(
+  pred: jax.Array, target: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """The paper's normalisation: per-channel standardisation over space with the prediction's mean and std
   (computed over unmasked positions), applied to both tensors, so a correct prediction has zero gradient.
 
@@ -57,8 +58,9 @@ def normalize_each(pred: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.A
   return pred / (_channel_norm(pred) + DEFAULT_EPS), target / (_channel_norm(target) + DEFAULT_EPS)
 
 
-def normalize(kind: str, pred: jax.Array, target: jax.Array,
-              mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def normalize(
+  kind: str, pred: jax.Array, target: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   if kind == 'paper':
     return standardize_shared(pred, target, mask)
   if kind == 'shared':
@@ -70,8 +72,9 @@ def normalize(kind: str, pred: jax.Array, target: jax.Array,
   raise ValueError(f'unknown normalisation {kind!r}.')
 
 
-def masked_distance(pred: jax.Array, target: jax.Array, mask: jax.Array | None = None, *,
-                    distance: str = 'l2') -> jax.Array:
+def masked_distance(
+  pred: jax.Array, target: jax.Array, mask: jax.Array | None = None, *, distance: str = 'l2'
+) -> jax.Array:
   """`1/C sum_c [ sum_hw mask * d(pred, target) / sum_hw mask ]` per sample `[B]` (eq. 3 with a masked mean).
 
   `d` is the squared (l2) or absolute (l1) difference. Eq. 3 writes a squared norm over positions; the mean over

@@ -52,7 +52,8 @@ class DiTBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d, heads = self.hidden_size, self.num_heads
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = L.AdaLNModulation(
-        6, d, name='adaLN_modulation', **kw)(c)
+      6, d, name='adaLN_modulation', **kw
+    )(c)
     h = L.modulate(L.layer_norm(self.dtype, name='norm1')(x), shift_msa, scale_msa)
     q, k, v = jnp.unstack(L.qkv_projection(heads, d // heads, name='qkv', **kw)(h), axis=2)
     attn = L.out_projection(d, name='proj', **kw)(L.attention(q, k, v))

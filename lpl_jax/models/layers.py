@@ -32,24 +32,41 @@ def at_least_f32(dtype: Dtype) -> Dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype, *,
-          kernel_init: Any = XAVIER, name: str | None = None) -> nn.Dense:
+def dense(
+  features: int,
+  names: tuple[str | None, str | None],
+  dtype: Dtype,
+  param_dtype: Dtype,
+  *,
+  kernel_init: Any = XAVIER,
+  name: str | None = None,
+) -> nn.Dense:
   """A Linear layer whose kernel `[in, out]` is named `names` and whose bias is named after the output axis."""
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(kernel_init, names),
-                  bias_init=nn.with_logical_partitioning(ZEROS, names[-1:]))
+  return nn.Dense(
+    features,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+    kernel_init=nn.with_logical_partitioning(kernel_init, names),
+    bias_init=nn.with_logical_partitioning(ZEROS, names[-1:]),
+  )
 
 
 def class_table(num_rows: int, features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Embed:
-  return nn.Embed(num_rows, features, dtype=dtype, param_dtype=param_dtype, name=name,
-                  embedding_init=nn.with_logical_partitioning(NORMAL_002, (axes.CLASSES, axes.EMBED)))
+  return nn.Embed(
+    num_rows,
+    features,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+    embedding_init=nn.with_logical_partitioning(NORMAL_002, (axes.CLASSES, axes.EMBED)),
+  )
 
 
 def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
   # No affine parameters: adaLN's shift and scale replace them. Two-pass variance: the residual stream can have
   # a large mean, where E[x^2] - E[x]^2 cancels badly.
-  return nn.LayerNorm(epsilon=LN_EPS, use_bias=False, use_scale=False, use_fast_variance=False, dtype=dtype,
-                      name=name)
+  return nn.LayerNorm(epsilon=LN_EPS, use_bias=False, use_scale=False, use_fast_variance=False, dtype=dtype, name=name)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -161,28 +178,37 @@ class HeadsDense(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in, n_out = self.in_rank, len(self.features)
-    init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=tuple(range(n_in)),
-                                            out_axis=tuple(range(n_in, n_in + n_out)))
-    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.names),
-                        x.shape[x.ndim - n_in:] + tuple(self.features), self.param_dtype)
-    bias = self.param('bias', nn.with_logical_partitioning(ZEROS, self.names[n_in:]), tuple(self.features),
-                      self.param_dtype)
+    init = nn.initializers.variance_scaling(
+      1.0, 'fan_avg', 'uniform', in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out))
+    )
+    kernel = self.param(
+      'kernel',
+      nn.with_logical_partitioning(init, self.names),
+      x.shape[x.ndim - n_in :] + tuple(self.features),
+      self.param_dtype,
+    )
+    bias = self.param(
+      'bias', nn.with_logical_partitioning(ZEROS, self.names[n_in:]), tuple(self.features), self.param_dtype
+    )
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
 
 
-def qkv_projection(num_heads: int, head_dim: int, dtype: Dtype, param_dtype: Dtype,
-                   name: str | None = None) -> HeadsDense:
+def qkv_projection(
+  num_heads: int, head_dim: int, dtype: Dtype, param_dtype: Dtype, name: str | None = None
+) -> HeadsDense:
   """timm's `qkv`: one Linear `D -> 3 * D` with bias, its kernel kept as `[D, 3, heads, head_dim]`."""
-  return HeadsDense((3, num_heads, head_dim), (axes.EMBED, None, axes.HEADS, axes.KV), dtype=dtype,
-                    param_dtype=param_dtype, name=name)
+  return HeadsDense(
+    (3, num_heads, head_dim), (axes.EMBED, None, axes.HEADS, axes.KV), dtype=dtype, param_dtype=param_dtype, name=name
+  )
 
 
 def out_projection(features: int, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> HeadsDense:
   """The attention output Linear, kernel `[heads, head_dim, D]`."""
-  return HeadsDense((features,), (axes.HEADS, axes.KV, axes.EMBED), in_rank=2, dtype=dtype, param_dtype=param_dtype,
-                    name=name)
+  return HeadsDense(
+    (features,), (axes.HEADS, axes.KV, axes.EMBED), in_rank=2, dtype=dtype, param_dtype=param_dtype, name=name
+  )
 
 
 class Mlp(nn.Module):
@@ -209,8 +235,14 @@ class AdaLNModulation(nn.Module):
 
   @nn.compact
   def __call__(self, c: jax.Array) -> list[jax.Array]:
-    out = dense(self.num_chunks * self.features, (axes.EMBED, axes.ADALN), self.dtype, self.param_dtype,
-                kernel_init=ZEROS, name='linear')(nn.silu(c))
+    out = dense(
+      self.num_chunks * self.features,
+      (axes.EMBED, axes.ADALN),
+      self.dtype,
+      self.param_dtype,
+      kernel_init=ZEROS,
+      name='linear',
+    )(nn.silu(c))
     return jnp.split(out, self.num_chunks, axis=-1)
 
 

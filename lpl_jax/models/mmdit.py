@@ -69,8 +69,9 @@ class StreamLayers(nn.Module):
     self.norm1 = L.layer_norm(self.dtype)
     self.qkv = L.qkv_projection(heads, d // heads, **kw)
     if self.qk_norm:
-      rms = lambda: nn.RMSNorm(epsilon=L.LN_EPS, **kw,
-                               scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axes.KV,)))
+      rms = lambda: nn.RMSNorm(
+        epsilon=L.LN_EPS, **kw, scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axes.KV,))
+      )
       self.q_norm, self.k_norm = rms(), rms()
     if not self.pre_only:
       self.proj = L.out_projection(d, **kw)
@@ -106,8 +107,14 @@ class MMDiTBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, ctx: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    kw = dict(hidden_size=self.hidden_size, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-              qk_norm=self.qk_norm, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(
+      hidden_size=self.hidden_size,
+      num_heads=self.num_heads,
+      mlp_ratio=self.mlp_ratio,
+      qk_norm=self.qk_norm,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
     image = StreamLayers(pre_only=False, name='image', **kw)
     context = StreamLayers(pre_only=self.context_pre_only, name='context', **kw)
     qkv_x, mods_x = image.pre(x, c)
@@ -158,8 +165,15 @@ class MMDiT(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, context: jax.Array | None = None,
-               pooled: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    t: jax.Array,
+    y: jax.Array | None = None,
+    *,
+    context: jax.Array | None = None,
+    pooled: jax.Array | None = None,
+  ) -> jax.Array:
     """Denoiser output for noisy latents.
 
     Args:
@@ -197,8 +211,9 @@ class MMDiT(nn.Module):
     block_cls = nn.remat(MMDiTBlock) if self.remat else MMDiTBlock
     for i in range(self.depth):
       tokens, ctx = L.constrain_tokens(tokens), L.constrain_tokens(ctx)
-      tokens, ctx = block_cls(d, self.num_heads, self.mlp_ratio, self.qk_norm, context_pre_only=i == self.depth - 1,
-                              name=f'blocks_{i}', **kw)(tokens, ctx, cond)
+      tokens, ctx = block_cls(
+        d, self.num_heads, self.mlp_ratio, self.qk_norm, context_pre_only=i == self.depth - 1, name=f'blocks_{i}', **kw
+      )(tokens, ctx, cond)
     tokens = L.constrain_tokens(tokens)
     out = L.FinalLayer(p * p * c, name='final_layer', **kw)(tokens, cond)
     out = L.unpatchify(out, p, gh, gw)
@@ -211,27 +226,33 @@ class MMDiT(nn.Module):
       raise ValueError(f'MMDiT: depth must be at least 1, got {self.depth}.')
     if self.context_dim is None:
       if context is not None or pooled is not None:
-        raise ValueError('MMDiT: this model is class-conditional (context_dim=None) and takes labels y [B]; it was '
-                         'given context/pooled. Build it with context_dim (and pooled_dim) for text conditioning.')
+        raise ValueError(
+          'MMDiT: this model is class-conditional (context_dim=None) and takes labels y [B]; it was '
+          'given context/pooled. Build it with context_dim (and pooled_dim) for text conditioning.'
+        )
       if y is None:
         raise ValueError('MMDiT: this model is class-conditional (context_dim=None): pass class labels y [B].')
       L.check_labels('MMDiT', y, batch)
       return
     if y is not None:
-      raise ValueError(f'MMDiT: this model is text-conditional (context_dim={self.context_dim}) and takes context '
-                       '[B, L, context_dim] (and pooled), not class labels y.')
+      raise ValueError(
+        f'MMDiT: this model is text-conditional (context_dim={self.context_dim}) and takes context '
+        '[B, L, context_dim] (and pooled), not class labels y.'
+      )
     if context is None:
       raise ValueError(f'MMDiT: this model is text-conditional: pass context [B, L, {self.context_dim}].')
     if context.ndim != 3 or context.shape[0] != batch or context.shape[-1] != self.context_dim:
-      raise ValueError(f'MMDiT: context must be [B, L, context_dim] = [{batch}, L, {self.context_dim}], got '
-                       f'{context.shape}.')
+      raise ValueError(
+        f'MMDiT: context must be [B, L, context_dim] = [{batch}, L, {self.context_dim}], got {context.shape}.'
+      )
     if self.pooled_dim is None and pooled is not None:
       raise ValueError('MMDiT: this model has no pooled conditioning (pooled_dim=None) but was given pooled.')
     if self.pooled_dim is not None:
       if pooled is None or pooled.shape != (batch, self.pooled_dim):
         got = 'none' if pooled is None else pooled.shape
-        raise ValueError(f'MMDiT: pooled text embeddings must be [B, pooled_dim] = [{batch}, {self.pooled_dim}], '
-                         f'got {got}.')
+        raise ValueError(
+          f'MMDiT: pooled text embeddings must be [B, pooled_dim] = [{batch}, {self.pooled_dim}], got {got}.'
+        )
 
 
 # The LPL paper's denoiser (section 4.1): 28 blocks, width 1536, 24 heads of 64, patch size 2. See the module

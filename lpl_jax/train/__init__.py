@@ -4,22 +4,39 @@ trainer (`train.autoencoder`)."""
 
 from lpl_jax.train.errors import ConfigError, NonFiniteLossError
 from lpl_jax.train.sharding import (
-    abstract_state,
-    batch_sharding,
-    global_batch,
-    init_state,
-    jit_train_step,
-    make_mesh,
-    mesh_shape,
-    param_rules,
-    replicate,
+  abstract_state,
+  batch_sharding,
+  global_batch,
+  init_state,
+  jit_train_step,
+  make_mesh,
+  mesh_shape,
+  param_rules,
+  replicate,
 )
 from lpl_jax.train.state import OptimConfig, TrainState, create_state, ema_update, learning_rate, make_optimizer
 from lpl_jax.train.step import StepConfig, lpl_term, stratified_timesteps, train_step
 
 __all__ = [
-    'ConfigError', 'NonFiniteLossError', 'OptimConfig', 'StepConfig', 'TrainState', 'abstract_state',
-    'batch_sharding', 'create_state', 'ema_update', 'global_batch', 'init_state', 'jit_train_step', 'learning_rate',
-    'lpl_term', 'make_mesh', 'make_optimizer', 'mesh_shape', 'param_rules', 'replicate', 'stratified_timesteps',
-    'train_step',
+  'ConfigError',
+  'NonFiniteLossError',
+  'OptimConfig',
+  'StepConfig',
+  'TrainState',
+  'abstract_state',
+  'batch_sharding',
+  'create_state',
+  'ema_update',
+  'global_batch',
+  'init_state',
+  'jit_train_step',
+  'learning_rate',
+  'lpl_term',
+  'make_mesh',
+  'make_optimizer',
+  'mesh_shape',
+  'param_rules',
+  'replicate',
+  'stratified_timesteps',
+  'train_step',
 ]

@@ -33,8 +33,9 @@ def load_autoencoder(exp: Experiment) -> tuple[ae_lib.AutoencoderKL, Any]:
   """The frozen autoencoder and its host params: from `autoencoder.weights`, or random (from `seed`) for the preset
   when the config allows it."""
   section = exp.autoencoder
-  model, params, random = ae_lib.load_autoencoder(section.weights or section.preset, dtype=DTYPES[section.dtype],
-                                                  seed=exp.seed + 1)
+  model, params, random = ae_lib.load_autoencoder(
+    section.weights or section.preset, dtype=DTYPES[section.dtype], seed=exp.seed + 1
+  )
   if random:
     log.warning('autoencoder: RANDOM weights (preset %s); LPL and samples are meaningless.', section.preset)
   return model, params
@@ -42,12 +43,25 @@ def load_autoencoder(exp: Experiment) -> tuple[ae_lib.AutoencoderKL, Any]:
 
 def make_denoiser(exp: Experiment, latent_channels: int) -> DiT | MMDiT:
   m = exp.model
-  kw = dict(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,
-            mlp_ratio=m.mlp_ratio, in_channels=latent_channels, dtype=DTYPES[m.dtype], remat=m.remat)
+  kw = dict(
+    patch_size=m.patch_size,
+    hidden_size=m.hidden_size,
+    depth=m.depth,
+    num_heads=m.num_heads,
+    mlp_ratio=m.mlp_ratio,
+    in_channels=latent_channels,
+    dtype=DTYPES[m.dtype],
+    remat=m.remat,
+  )
   if m.kind == 'dit':
     return DiT(num_classes=m.num_classes, **kw)
-  return MMDiT(num_classes=m.num_classes, context_dim=m.context_dim or None, pooled_dim=m.pooled_dim or None,
-               qk_norm=m.qk_norm, **kw)
+  return MMDiT(
+    num_classes=m.num_classes,
+    context_dim=m.context_dim or None,
+    pooled_dim=m.pooled_dim or None,
+    qk_norm=m.qk_norm,
+    **kw,
+  )
 
 
 def denoiser_inputs(exp: Experiment, batch: int) -> tuple[tuple, dict]:
@@ -90,13 +104,16 @@ def lower_train_step(exp: Experiment, mesh: Mesh | None = None) -> Any:
   model = make_denoiser(exp, ae_model.config.latent_channels)
   cfg = step_config(exp, num_devices=mesh.size)
   optimizer = make_optimizer(cfg.optim)
-  state, shardings = sharding.abstract_state(init_params_fn(exp, model), optimizer, mesh,
-                                             fsdp=exp.mesh.shard_params)
+  state, shardings = sharding.abstract_state(init_params_fn(exp, model), optimizer, mesh, fsdp=exp.mesh.shard_params)
   replicated = NamedSharding(mesh, P())
-  ae_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                           jax.eval_shape(lambda k: ae_lib.init_params(ae_model, k), jax.random.key(0)))
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
-           for k, v in batch_spec(exp).items()}
+  ae_params = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    jax.eval_shape(lambda k: ae_lib.init_params(ae_model, k), jax.random.key(0)),
+  )
+  batch = {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+    for k, v in batch_spec(exp).items()
+  }
   step = sharding.jit_train_step(shardings, mesh, model=model, optimizer=optimizer, cfg=cfg, ae_model=ae_model)
   return step.lower(state, batch, ae_params)
 
@@ -128,20 +145,35 @@ def sample_conditions(exp: Experiment, source: Any, num: int) -> dict[str, np.nd
   return {'labels': (np.arange(num) % exp.model.num_classes).astype(np.int32)}
 
 
-def make_generate_fn(exp: Experiment, model: Any, ae_model: ae_lib.AutoencoderKL,
-                     mesh: Mesh) -> diffusion.GenerateFn:
+def make_generate_fn(exp: Experiment, model: Any, ae_model: ae_lib.AutoencoderKL, mesh: Mesh) -> diffusion.GenerateFn:
   """The experiment's sampler (its `sample` section) followed by the decoder, rows sharded over the mesh."""
   s = exp.sample
-  settings = diffusion.SamplerSettings(sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta,
-                                       shift=exp.diffusion.shift)
-  return diffusion.make_generate_fn(model, ae_model, formulation(exp.diffusion), latent_shape=latent_shape(exp),
-                                    settings=settings, null_class=exp.model.num_classes,
-                                    sharding=sharding.batch_sharding(mesh))
+  settings = diffusion.SamplerSettings(
+    sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, shift=exp.diffusion.shift
+  )
+  return diffusion.make_generate_fn(
+    model,
+    ae_model,
+    formulation(exp.diffusion),
+    latent_shape=latent_shape(exp),
+    settings=settings,
+    null_class=exp.model.num_classes,
+    sharding=sharding.batch_sharding(mesh),
+  )
 
 
-def samples_from_run(exp: Experiment, workdir: str, *, num: int, batch_size: int, seed: int = 0,
-                     labels: str = 'cycle', step: int = -1, ema: bool = True,
-                     progress: bool = False) -> tuple[np.ndarray, np.ndarray | None, int]:
+def samples_from_run(
+  exp: Experiment,
+  workdir: str,
+  *,
+  num: int,
+  batch_size: int,
+  seed: int = 0,
+  labels: str = 'cycle',
+  step: int = -1,
+  ema: bool = True,
+  progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None, int]:
   """`(uint8 images [num, H, W, 3], class labels [num] or None for text models, checkpoint step)` sampled from a
   run's checkpoint with the experiment's sampler, batches sharded over all devices.
 
@@ -168,7 +200,15 @@ def samples_from_run(exp: Experiment, workdir: str, *, num: int, batch_size: int
     ys = np.random.default_rng(seed).integers(0, exp.model.num_classes, num).astype(np.int32)
     cond = {'labels': ys}
   rows = sharding.batch_sharding(mesh)
-  images = diffusion.generate(make_generate_fn(exp, model, ae_model, mesh), params, sharding.replicate(ae_host, mesh),
-                              cond, batch_size=batch_size, seed=seed, place=lambda x: jax.device_put(x, rows),
-                              gather=lambda x: np.asarray(jax.device_get(x)), progress=progress)
+  images = diffusion.generate(
+    make_generate_fn(exp, model, ae_model, mesh),
+    params,
+    sharding.replicate(ae_host, mesh),
+    cond,
+    batch_size=batch_size,
+    seed=seed,
+    place=lambda x: jax.device_put(x, rows),
+    gather=lambda x: np.asarray(jax.device_get(x)),
+    progress=progress,
+  )
   return images, ys, step

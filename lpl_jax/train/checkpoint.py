@@ -45,13 +45,17 @@ class Checkpointer:
     async_save: write in a background thread (orbax's async checkpointing).
   """
 
-  def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int | None = 3,
-               async_save: bool = True):
+  def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int | None = 3, async_save: bool = True):
     if save_every < 1:
       raise ValueError(f'save_every={save_every}; expected >= 1.')
     self.directory = epath.Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(
+      save_interval_steps=save_every,
+      max_to_keep=keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+    )
     self._manager = ocp.CheckpointManager(self.directory, item_names=('state', 'data'), options=options)
 
   def all_steps(self) -> list[int]:
@@ -81,13 +85,15 @@ class Checkpointer:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_storable(target))
     for s in steps:
       try:
-        out = self._manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                               data=ocp.args.JsonRestore()))
+        out = self._manager.restore(
+          s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+        )
       except Exception as e:  # any unreadable checkpoint: fall back to the previous one
         if step is not None:
           raise
-        log.warning('checkpoint %s/%d is unreadable (%s: %s); trying the previous one.', self.directory, s,
-                    type(e).__name__, e)
+        log.warning(
+          'checkpoint %s/%d is unreadable (%s: %s); trying the previous one.', self.directory, s, type(e).__name__, e
+        )
         continue
       state = out['state']
       if typed_key:
@@ -131,6 +137,7 @@ class PreemptionWatch:
     """Whether to save and stop after `step` (all processes agree when there are several)."""
     if self._multi:
       from jax.experimental import multihost_utils
+
       return bool(multihost_utils.reached_preemption_sync_point(step))
     return self._flag
 

@@ -228,10 +228,13 @@ def _build(cls: type, tree: Mapping[str, Any], prefix: str) -> Any:
   if not prefix:
     missing, unknown = _layout_problems(cls, tree, '')
     if missing or unknown:
-      parts = ([f'missing {", ".join(missing)}'] if missing else []) + ([f'unknown {", ".join(unknown)}']
-                                                                        if unknown else [])
-      raise ConfigError(f'the config does not match the experiment layout: {"; ".join(parts)}. Every field is '
-                        'declared in configs/common.py (docs/configs.md).')
+      parts = ([f'missing {", ".join(missing)}'] if missing else []) + (
+        [f'unknown {", ".join(unknown)}'] if unknown else []
+      )
+      raise ConfigError(
+        f'the config does not match the experiment layout: {"; ".join(parts)}. Every field is '
+        'declared in configs/common.py (docs/configs.md).'
+      )
   hints = typing.get_type_hints(cls)
   kwargs = {}
   for f in dataclasses.fields(cls):
@@ -240,8 +243,12 @@ def _build(cls: type, tree: Mapping[str, Any], prefix: str) -> Any:
       if not isinstance(value, Mapping):
         raise ConfigError(f'{prefix}{f.name} is a section; got the value {value!r}.')
       if hint is OptimConfig:  # the library's dataclass, which checks its own values
-        kwargs[f.name] = _built(prefix + f.name, lambda h=hint, v=value, p=f'{prefix}{f.name}.': h(
-            **{k: _coerce(x, typing.get_type_hints(h)[k], p + k) for k, x in v.items()}))
+        kwargs[f.name] = _built(
+          prefix + f.name,
+          lambda h=hint, v=value, p=f'{prefix}{f.name}.': h(
+            **{k: _coerce(x, typing.get_type_hints(h)[k], p + k) for k, x in v.items()}
+          ),
+        )
       else:
         kwargs[f.name] = _build(hint, value, f'{prefix}{f.name}.')
     else:
@@ -282,30 +289,47 @@ def autoencoder_config(section: AutoencoderSection) -> ae_lib.AutoencoderConfig:
   """The autoencoder's architecture: read from the weights folder, else the preset's."""
   if section.weights and os.path.isdir(section.weights):
     return ae_lib.read_config(section.weights)
-  _check(section.preset in ae_lib.PRESETS,
-         f'autoencoder.preset={section.preset!r}; known: {sorted(ae_lib.PRESETS)}.')
+  _check(section.preset in ae_lib.PRESETS, f'autoencoder.preset={section.preset!r}; known: {sorted(ae_lib.PRESETS)}.')
   return ae_lib.PRESETS[section.preset]
 
 
 def formulation(section: DiffusionSection) -> diffusion.Formulation:
-  return _built('diffusion', lambda: diffusion.get_formulation(
-      section.formulation, schedule=section.schedule, beta_start=section.beta_start, beta_end=section.beta_end,
-      zero_terminal_snr=section.zero_terminal_snr))
+  return _built(
+    'diffusion',
+    lambda: diffusion.get_formulation(
+      section.formulation,
+      schedule=section.schedule,
+      beta_start=section.beta_start,
+      beta_end=section.beta_end,
+      zero_terminal_snr=section.zero_terminal_snr,
+    ),
+  )
 
 
 def timestep_sampler(section: DiffusionSection, form: diffusion.Formulation) -> diffusion.TimestepSampler:
-  return _built('diffusion', lambda: diffusion.TimestepSampler(
-      kind=section.timesteps, num_timesteps=None if form.is_flow else form.num_timesteps,
-      logit_mean=section.logit_mean, logit_std=section.logit_std, mode_scale=section.mode_scale,
-      shift=section.shift))
+  return _built(
+    'diffusion',
+    lambda: diffusion.TimestepSampler(
+      kind=section.timesteps,
+      num_timesteps=None if form.is_flow else form.num_timesteps,
+      logit_mean=section.logit_mean,
+      logit_std=section.logit_std,
+      mode_scale=section.mode_scale,
+      shift=section.shift,
+    ),
+  )
 
 
 def lpl_config(section: LPLSection) -> lpl_lib.LPLConfig | None:
   """The loss config: the preset with the fields the section sets; None when LPL is off."""
   if not section.enabled:
     return None
-  return _built('lpl', lambda: lpl_lib.LPLConfig.from_preset(
-      section.preset, weight=section.weight, tau=section.tau, remat=section.remat, num_blocks=section.num_blocks))
+  return _built(
+    'lpl',
+    lambda: lpl_lib.LPLConfig.from_preset(
+      section.preset, weight=section.weight, tau=section.tau, remat=section.remat, num_blocks=section.num_blocks
+    ),
+  )
 
 
 def lpl_groups(exp: Experiment, num_devices: int) -> int:
@@ -323,12 +347,26 @@ def step_config(exp: Experiment, *, num_devices: int | None = None) -> StepConfi
   groups = rows = 0
   if loss is not None:
     groups = lpl_groups(exp, num_devices)
-    rows = sampler.split(form, lpl_lib.noise_level_threshold(loss, exp.data.resolution),
-                         exp.data.global_batch // groups)
-  return _built('lpl', lambda: StepConfig(
-      form, sampler, exp.optim, lpl=loss, lpl_rows_per_group=rows, lpl_groups=groups,
-      lpl_start_step=exp.lpl.start_step, lpl_chunk=exp.lpl.chunk, lpl_normalize=exp.lpl.normalize,
-      label_dropout=exp.step.label_dropout, null_class=exp.model.num_classes, accum_steps=exp.step.accum_steps))
+    rows = sampler.split(
+      form, lpl_lib.noise_level_threshold(loss, exp.data.resolution), exp.data.global_batch // groups
+    )
+  return _built(
+    'lpl',
+    lambda: StepConfig(
+      form,
+      sampler,
+      exp.optim,
+      lpl=loss,
+      lpl_rows_per_group=rows,
+      lpl_groups=groups,
+      lpl_start_step=exp.lpl.start_step,
+      lpl_chunk=exp.lpl.chunk,
+      lpl_normalize=exp.lpl.normalize,
+      label_dropout=exp.step.label_dropout,
+      null_class=exp.model.num_classes,
+      accum_steps=exp.step.accum_steps,
+    ),
+  )
 
 
 def latent_shape(exp: Experiment) -> tuple[int, int, int]:
@@ -338,8 +376,9 @@ def latent_shape(exp: Experiment) -> tuple[int, int, int]:
   return side, side, ae_cfg.latent_channels
 
 
-def validate(exp: Experiment, *, num_devices: int | None = None, process_count: int | None = None,
-             check_files: bool = True) -> None:
+def validate(
+  exp: Experiment, *, num_devices: int | None = None, process_count: int | None = None, check_files: bool = True
+) -> None:
   """Every inconsistency that can be found without running anything, each with a message naming the field.
 
   Args:
@@ -368,10 +407,12 @@ def validate(exp: Experiment, *, num_devices: int | None = None, process_count: 
   if exp.lpl.enabled:
     group = exp.data.global_batch // cfg.lpl_groups
     mass = cfg.sampler.mass_below(cfg.formulation, lpl_lib.noise_level_threshold(cfg.lpl, exp.data.resolution))
-    _check(cfg.lpl_rows_per_group > 0,
-           f'lpl.enabled but no row gets LPL: groups of {group} rows (data.global_batch / lpl.groups) times the '
-           f'{mass:.3f} of timesteps below the noise threshold (lpl.tau={exp.lpl.tau} at {exp.data.resolution} px) '
-           'is under one row; use fewer, larger groups (lpl.groups) or a larger batch.')
+    _check(
+      cfg.lpl_rows_per_group > 0,
+      f'lpl.enabled but no row gets LPL: groups of {group} rows (data.global_batch / lpl.groups) times the '
+      f'{mass:.3f} of timesteps below the noise threshold (lpl.tau={exp.lpl.tau} at {exp.data.resolution} px) '
+      'is under one row; use fewer, larger groups (lpl.groups) or a larger batch.',
+    )
 
 
 def _check_loop(exp: Experiment) -> None:
@@ -382,20 +423,25 @@ def _check_loop(exp: Experiment) -> None:
 
 def _check_data_and_model(exp: Experiment) -> None:
   d, m = exp.data, exp.model
-  _check(d.kind in DATA_KINDS,
-         f"data.source={d.source!r}; expected 'embedded', 'folder:PATH', 'tfds:NAME' or 'cache:PATH'.")
+  _check(
+    d.kind in DATA_KINDS, f"data.source={d.source!r}; expected 'embedded', 'folder:PATH', 'tfds:NAME' or 'cache:PATH'."
+  )
   _check(d.latent_sampling in ('sample', 'mean'), f"data.latent_sampling={d.latent_sampling!r}; 'sample' or 'mean'.")
   _check(d.global_batch > 0, f'data.global_batch={d.global_batch}; expected > 0.')
   _check(m.kind in MODEL_KINDS, f'model.kind={m.kind!r}; expected one of {MODEL_KINDS}.')
   for field, value in (('model.dtype', m.dtype), ('autoencoder.dtype', exp.autoencoder.dtype)):
     _check(value in DTYPES, f'{field}={value!r}; expected one of {sorted(DTYPES)}.')
-  _check(m.hidden_size % m.num_heads == 0,
-         f'model.hidden_size={m.hidden_size} is not a multiple of model.num_heads={m.num_heads}.')
+  _check(
+    m.hidden_size % m.num_heads == 0,
+    f'model.hidden_size={m.hidden_size} is not a multiple of model.num_heads={m.num_heads}.',
+  )
   if m.text:
     _check(m.kind == 'mmdit', 'text conditioning (model.context_dim > 0) needs model.kind = mmdit.')
     _check(m.context_len > 0, 'text conditioning needs model.context_len (tokens per caption) > 0.')
-    _check(d.kind == 'cache', 'text conditioning reads precomputed text embeddings from a latent cache '
-           "(data.source = 'cache:PATH').")
+    _check(
+      d.kind == 'cache',
+      "text conditioning reads precomputed text embeddings from a latent cache (data.source = 'cache:PATH').",
+    )
 
 
 def _check_sampling(exp: Experiment) -> None:
@@ -403,18 +449,24 @@ def _check_sampling(exp: Experiment) -> None:
   timestep_sampler(exp.diffusion, form)
   s = exp.sample
   _check(s.sampler in diffusion.SAMPLERS, f'sample.sampler={s.sampler!r}; known: {diffusion.SAMPLERS}.')
-  _check(form.is_flow == (s.sampler in ('euler', 'heun', 'rk4')),
-         f'sample.sampler={s.sampler!r} does not fit diffusion.formulation={exp.diffusion.formulation!r} (flows '
-         'take euler/heun/rk4, DDPM formulations ddim/ddpm).')
+  _check(
+    form.is_flow == (s.sampler in ('euler', 'heun', 'rk4')),
+    f'sample.sampler={s.sampler!r} does not fit diffusion.formulation={exp.diffusion.formulation!r} (flows '
+    'take euler/heun/rk4, DDPM formulations ddim/ddpm).',
+  )
 
 
 def _check_shapes(exp: Experiment, ae_cfg: ae_lib.AutoencoderConfig) -> None:
   factor, res = ae_cfg.downsample_factor, exp.data.resolution
-  _check(res % factor == 0,
-         f"data.resolution={res} is not a multiple of the autoencoder's downsampling factor {factor}.")
+  _check(
+    res % factor == 0, f"data.resolution={res} is not a multiple of the autoencoder's downsampling factor {factor}."
+  )
   latent = res // factor
-  _check(latent % exp.model.patch_size == 0, f'the {latent}x{latent} latents (data.resolution={res} / {factor}) do '
-         f'not split into model.patch_size={exp.model.patch_size} patches.')
+  _check(
+    latent % exp.model.patch_size == 0,
+    f'the {latent}x{latent} latents (data.resolution={res} / {factor}) do '
+    f'not split into model.patch_size={exp.model.patch_size} patches.',
+  )
 
 
 def _check_cache(exp: Experiment, ae_cfg: ae_lib.AutoencoderConfig) -> None:
@@ -422,39 +474,51 @@ def _check_cache(exp: Experiment, ae_cfg: ae_lib.AutoencoderConfig) -> None:
 
   index = read_index(exp.data.location)
   shape, expected = tuple(index['latent_shape']), latent_shape(exp)
-  _check(shape == expected, f'the latent cache holds {shape} latents but data.resolution={exp.data.resolution} with '
-         f'this autoencoder gives {expected}.')
+  _check(
+    shape == expected,
+    f'the latent cache holds {shape} latents but data.resolution={exp.data.resolution} with '
+    f'this autoencoder gives {expected}.',
+  )
   if exp.model.text:
     text, m = index.get('text_shape'), exp.model
-    _check(text is not None and tuple(text) == (m.context_len, m.context_dim),
-           f'model.context_len/context_dim = {(m.context_len, m.context_dim)} but the cache holds text embeddings '
-           f'{text}.')
+    _check(
+      text is not None and tuple(text) == (m.context_len, m.context_dim),
+      f'model.context_len/context_dim = {(m.context_len, m.context_dim)} but the cache holds text embeddings {text}.',
+    )
 
 
 def _check_batch(exp: Experiment, num_devices: int, process_count: int) -> None:
   """The global batch over processes, devices, accumulation steps and LPL groups."""
   b, accum = exp.data.global_batch, exp.step.accum_steps
   _check(accum >= 1, f'step.accum_steps={accum}; expected >= 1.')
-  _check(b % (num_devices * accum) == 0,
-         f'data.global_batch={b} does not split over {num_devices} devices x step.accum_steps={accum}.')
+  _check(
+    b % (num_devices * accum) == 0,
+    f'data.global_batch={b} does not split over {num_devices} devices x step.accum_steps={accum}.',
+  )
   _check(b % process_count == 0, f'data.global_batch={b} does not split over {process_count} processes.')
   _built('mesh', lambda: mesh_shape(exp.mesh.data, exp.mesh.fsdp, num_devices))
   if exp.lpl.enabled:
     groups = lpl_groups(exp, num_devices)
-    _check(b % groups == 0 and groups % (num_devices * accum) == 0,
-           f'lpl.groups={groups} must divide data.global_batch={b} and be a multiple of devices x accum_steps = '
-           f'{num_devices * accum}.')
+    _check(
+      b % groups == 0 and groups % (num_devices * accum) == 0,
+      f'lpl.groups={groups} must divide data.global_batch={b} and be a multiple of devices x accum_steps = '
+      f'{num_devices * accum}.',
+    )
 
 
 def _check_files(exp: Experiment) -> None:
   weights = exp.autoencoder.weights
-  _check(bool(weights) or exp.autoencoder.allow_random_weights,
-         'autoencoder.weights is empty: name a diffusers-format folder, or set autoencoder.allow_random_weights=True '
-         '(LPL with a random decoder is meaningless outside tests).')
+  _check(
+    bool(weights) or exp.autoencoder.allow_random_weights,
+    'autoencoder.weights is empty: name a diffusers-format folder, or set autoencoder.allow_random_weights=True '
+    '(LPL with a random decoder is meaningless outside tests).',
+  )
   _check(not weights or os.path.isdir(weights), f'autoencoder.weights={weights!r} is not a folder.')
   init = exp.init.checkpoint
-  _check(init != '' or not exp.init.required,
-         'this is a post-training config: name the pre-training run with --config.init.checkpoint=WORKDIR.')
+  _check(
+    init != '' or not exp.init.required,
+    'this is a post-training config: name the pre-training run with --config.init.checkpoint=WORKDIR.',
+  )
   _check(init == '' or os.path.isdir(init), f'init.checkpoint={init!r} is not a folder.')
 
 

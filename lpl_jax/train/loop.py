@@ -59,15 +59,29 @@ def data_pipeline(exp: Experiment) -> tuple[Any, Any]:
   d = exp.data
   if d.kind == 'cache':
     source = data_lib.make_source(d.source)
-    pipeline = data_lib.make_latent_pipeline(source, global_batch=d.global_batch, seed=exp.seed, shuffle=d.shuffle,
-                                             sample_posterior=d.latent_sampling == 'sample', resolution=d.resolution,
-                                             worker_count=d.worker_count, prefetch=d.prefetch)
+    pipeline = data_lib.make_latent_pipeline(
+      source,
+      global_batch=d.global_batch,
+      seed=exp.seed,
+      shuffle=d.shuffle,
+      sample_posterior=d.latent_sampling == 'sample',
+      resolution=d.resolution,
+      worker_count=d.worker_count,
+      prefetch=d.prefetch,
+    )
     return source, pipeline
-  source = data_lib.make_source(d.source, split=d.split, data_dir=d.data_dir or None,
-                                num_samples=d.num_samples or None)
-  pipeline = data_lib.make_image_pipeline(source, resolution=d.resolution, global_batch=d.global_batch, seed=exp.seed,
-                                          shuffle=d.shuffle, random_flip=d.random_flip, random_crop=d.random_crop,
-                                          worker_count=d.worker_count, prefetch=d.prefetch)
+  source = data_lib.make_source(d.source, split=d.split, data_dir=d.data_dir or None, num_samples=d.num_samples or None)
+  pipeline = data_lib.make_image_pipeline(
+    source,
+    resolution=d.resolution,
+    global_batch=d.global_batch,
+    seed=exp.seed,
+    shuffle=d.shuffle,
+    random_flip=d.random_flip,
+    random_crop=d.random_crop,
+    worker_count=d.worker_count,
+    prefetch=d.prefetch,
+  )
   return source, pipeline
 
 
@@ -80,13 +94,24 @@ def setup(exp: Experiment) -> Run:
   model = build.make_denoiser(exp, ae_model.config.latent_channels)
   step_cfg = step_config(exp)
   optimizer = make_optimizer(step_cfg.optim)
-  state, shardings = sharding.init_state(build.init_params_fn(exp, model), optimizer, jax.random.key(exp.seed), mesh,
-                                         fsdp=exp.mesh.shard_params)
-  step_fn = sharding.jit_train_step(shardings, mesh, model=model, optimizer=optimizer, cfg=step_cfg,
-                                    ae_model=ae_model)
+  state, shardings = sharding.init_state(
+    build.init_params_fn(exp, model), optimizer, jax.random.key(exp.seed), mesh, fsdp=exp.mesh.shard_params
+  )
+  step_fn = sharding.jit_train_step(shardings, mesh, model=model, optimizer=optimizer, cfg=step_cfg, ae_model=ae_model)
   source, pipeline = data_pipeline(exp)
-  return Run(exp, mesh, model, ae_model, sharding.replicate(ae_host, mesh), step_cfg, state, step_fn, pipeline,
-             source, build.make_generate_fn(exp, model, ae_model, mesh))
+  return Run(
+    exp,
+    mesh,
+    model,
+    ae_model,
+    sharding.replicate(ae_host, mesh),
+    step_cfg,
+    state,
+    step_fn,
+    pipeline,
+    source,
+    build.make_generate_fn(exp, model, ae_model, mesh),
+  )
 
 
 def restore_init(run: Run) -> TrainState:
@@ -99,8 +124,11 @@ def restore_init(run: Run) -> TrainState:
     raise FileNotFoundError(f'init.checkpoint={init.checkpoint!r} holds no checkpoint.')
   src, _, src_step = restored
   log.info('post-training from %s step %d (optimizer %s)', folder, src_step, 'kept' if init.keep_optimizer else 'fresh')
-  return run.state.replace(params=src.params, ema_params=src.ema_params,
-                           opt_state=src.opt_state if init.keep_optimizer else run.state.opt_state)
+  return run.state.replace(
+    params=src.params,
+    ema_params=src.ema_params,
+    opt_state=src.opt_state if init.keep_optimizer else run.state.opt_state,
+  )
 
 
 def starting_state(run: Run, ckpt: Checkpointer, data_iter: Any) -> tuple[TrainState, int]:
@@ -162,8 +190,9 @@ def write_samples(run: Run, state: TrainState, path: str) -> None:
   exp = run.exp
   cond = build.sample_conditions(exp, run.source, exp.num_sample_images)
   params = state.ema_params if exp.sample.use_ema else state.params
-  images = run.generate_fn(params, run.ae_params, jax.random.fold_in(jax.random.key(exp.seed), 2),
-                           {k: jnp.asarray(v) for k, v in cond.items()})
+  images = run.generate_fn(
+    params, run.ae_params, jax.random.fold_in(jax.random.key(exp.seed), 2), {k: jnp.asarray(v) for k, v in cond.items()}
+  )
   if jax.process_index() == 0:
     save_grid(np.asarray(jax.device_get(images)), path)
 
@@ -171,8 +200,7 @@ def write_samples(run: Run, state: TrainState, path: str) -> None:
 def train_and_evaluate(exp: Experiment, workdir: str) -> dict[str, float]:
   """Trains to `total_steps`, resuming from `workdir` if it holds a checkpoint; returns the last logged metrics."""
   run = setup(exp)
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=exp.checkpoint_every,
-                      keep=exp.keep_checkpoints)
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=exp.checkpoint_every, keep=exp.keep_checkpoints)
   outdir = local_output_dir(workdir)
   os.makedirs(outdir, exist_ok=True)
   data_iter = iter(run.pipeline)
@@ -180,8 +208,9 @@ def train_and_evaluate(exp: Experiment, workdir: str) -> dict[str, float]:
   if jax.process_index() == 0:
     with open(os.path.join(outdir, 'config.json'), 'w') as f:
       f.write(exp.to_json())
-  logger = MetricLogger(outdir, checkpoints=str(ckpt.directory), start=start, total=exp.total_steps,
-                        progress=exp.progress)
+  logger = MetricLogger(
+    outdir, checkpoints=str(ckpt.directory), start=start, total=exp.total_steps, progress=exp.progress
+  )
   preempt = PreemptionWatch()
   try:
     state, stopped = _steps(run, state, start, _batches(run, data_iter), ckpt, logger, preempt, outdir)
@@ -194,8 +223,16 @@ def train_and_evaluate(exp: Experiment, workdir: str) -> dict[str, float]:
     preempt.close()
 
 
-def _steps(run: Run, state: TrainState, start: int, batches: Any, ckpt: Checkpointer, logger: MetricLogger,
-           preempt: PreemptionWatch, outdir: str) -> tuple[TrainState, bool]:
+def _steps(
+  run: Run,
+  state: TrainState,
+  start: int,
+  batches: Any,
+  ckpt: Checkpointer,
+  logger: MetricLogger,
+  preempt: PreemptionWatch,
+  outdir: str,
+) -> tuple[TrainState, bool]:
   """Steps `start` to `total_steps`; `(state, whether a preemption stopped it)`.
 
   The metrics of a step are read once the next step is dispatched (`pending`), except at checkpoint steps, which

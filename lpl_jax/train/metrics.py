@@ -84,8 +84,11 @@ class MetricLogger:
     self.writer.write(step, scalars)
     self.last = scalars
     if self._bar is not None:
-      self._bar.set_postfix(loss=f"{scalars['loss/total']:.4f}", lpl=f"{scalars.get('loss/lpl', 0.0):.4f}",
-                            img_s=f"{scalars['img_per_s']:.1f}")
+      self._bar.set_postfix(
+        loss=f'{scalars["loss/total"]:.4f}',
+        lpl=f'{scalars.get("loss/lpl", 0.0):.4f}',
+        img_s=f'{scalars["img_per_s"]:.1f}',
+      )
 
   def close(self) -> None:
     if self._bar is not None:

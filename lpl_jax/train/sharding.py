@@ -57,8 +57,9 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   """Host values (identical on every process) -> arrays replicated on every device of the mesh (frozen
   autoencoder params)."""
   sharding = NamedSharding(mesh, P())
-  return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
-                      tree)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]), tree
+  )
 
 
 def param_rules(fsdp: bool) -> tuple:
@@ -66,15 +67,22 @@ def param_rules(fsdp: bool) -> tuple:
   return axes.fsdp_rules() if fsdp else ()
 
 
-def _state_fn(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
-              key: jax.Array) -> tuple[Callable[[jax.Array], TrainState], jax.Array]:
+def _state_fn(
+  init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation, key: jax.Array
+) -> tuple[Callable[[jax.Array], TrainState], jax.Array]:
   """`(param_key -> boxed state, param_key)`: the state `init_state` creates from `key`."""
   param_key, rng = jax.random.split(key)
   return (lambda k: create_state(init_params(k), optimizer, rng)), param_key
 
 
-def abstract_state(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation, mesh: Mesh, *,
-                   fsdp: bool, key: jax.Array | None = None) -> tuple[TrainState, Any]:
+def abstract_state(
+  init_params: Callable[[jax.Array], Any],
+  optimizer: optax.GradientTransformation,
+  mesh: Mesh,
+  *,
+  fsdp: bool,
+  key: jax.Array | None = None,
+) -> tuple[TrainState, Any]:
   """The state's shapes, dtypes and shardings, with nothing allocated (`jax.eval_shape`).
 
   Args:
@@ -92,8 +100,14 @@ def abstract_state(init_params: Callable[[jax.Array], Any], optimizer: optax.Gra
   return state, shardings
 
 
-def init_state(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation, key: jax.Array,
-               mesh: Mesh, *, fsdp: bool) -> tuple[TrainState, Any]:
+def init_state(
+  init_params: Callable[[jax.Array], Any],
+  optimizer: optax.GradientTransformation,
+  key: jax.Array,
+  mesh: Mesh,
+  *,
+  fsdp: bool,
+) -> tuple[TrainState, Any]:
   """Creates the state directly in its sharded layout (see `abstract_state`).
 
   Returns:
@@ -110,5 +124,9 @@ def jit_train_step(state_shardings: Any, mesh: Mesh, **static: Any) -> Callable:
   `(state, batch, ae_params) -> (state, metrics)`."""
   replicated = NamedSharding(mesh, P())
   fn = functools.partial(step_lib.train_step, mesh=mesh, **static)
-  return jax.jit(fn, in_shardings=(state_shardings, batch_sharding(mesh), replicated),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  return jax.jit(
+    fn,
+    in_shardings=(state_shardings, batch_sharding(mesh), replicated),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=(0,),
+  )

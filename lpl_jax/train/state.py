@@ -37,17 +37,19 @@ class OptimConfig:
 
   def __post_init__(self):
     if self.lr <= 0 or not 0 <= self.ema_decay < 1 or self.warmup_steps < 0 or self.decay_steps < 0:
-      raise ValueError(f'invalid optimizer config: lr={self.lr}, ema_decay={self.ema_decay}, '
-                       f'warmup_steps={self.warmup_steps}, decay_steps={self.decay_steps}.')
+      raise ValueError(
+        f'invalid optimizer config: lr={self.lr}, ema_decay={self.ema_decay}, '
+        f'warmup_steps={self.warmup_steps}, decay_steps={self.decay_steps}.'
+      )
 
 
 def learning_rate(cfg: OptimConfig) -> optax.Schedule:
   if cfg.decay_steps:
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1),
-                                              cfg.warmup_steps + cfg.decay_steps)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1), cfg.warmup_steps + cfg.decay_steps)
   if cfg.warmup_steps:
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), optax.constant_schedule(cfg.lr)],
-                                [cfg.warmup_steps])
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), optax.constant_schedule(cfg.lr)], [cfg.warmup_steps]
+    )
   return optax.constant_schedule(cfg.lr)
 
 
@@ -68,8 +70,13 @@ class TrainState:
 
 def create_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
   """A fresh state; the EMA starts at the params (copied, so donation never aliases them)."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                    ema_params=jax.tree.map(jnp.copy, params), rng=rng)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=optimizer.init(params),
+    ema_params=jax.tree.map(jnp.copy, params),
+    rng=rng,
+  )
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, cfg: OptimConfig) -> Any:

@@ -72,8 +72,16 @@ class StepConfig:
       raise ValueError(f'StepConfig.accum_steps={self.accum_steps}; expected >= 1.')
 
 
-def _local_lpl(z0_hat: jax.Array, z0: jax.Array, ae_params: Any, *, ae_model: AutoencoderKL, cfg: StepConfig,
-               groups: int, axes: tuple[str, ...] | None):
+def _local_lpl(
+  z0_hat: jax.Array,
+  z0: jax.Array,
+  ae_params: Any,
+  *,
+  ae_model: AutoencoderKL,
+  cfg: StepConfig,
+  groups: int,
+  axes: tuple[str, ...] | None,
+):
   """LPL of the first K rows of each of this device's `groups` groups: `(sum of per-row losses, per-layer loss
   sums [L], outlier-fraction sums [L])`, summed over devices when `axes` are given (inside shard_map).
 
@@ -86,7 +94,7 @@ def _local_lpl(z0_hat: jax.Array, z0: jax.Array, ae_params: Any, *, ae_model: Au
     raise ValueError(f'lpl_chunk={chunk} must divide the {k} LPL rows of each device.')
 
   def chunks(x):
-    rows = x.reshape((groups, -1) + x.shape[1:])[:, :cfg.lpl_rows_per_group]  # [groups, K, ...]: static slices
+    rows = x.reshape((groups, -1) + x.shape[1:])[:, : cfg.lpl_rows_per_group]  # [groups, K, ...]: static slices
     return rows.reshape((k // chunk, chunk) + x.shape[1:])
 
   def unchunk(g, like):  # [k // chunk, chunk, ...] -> like's layout, zero on the rows without LPL
@@ -128,15 +136,26 @@ def _local_lpl(z0_hat: jax.Array, z0: jax.Array, ae_params: Any, *, ae_model: Au
   return out
 
 
-def lpl_term(z0_hat: jax.Array, z0: jax.Array, ae_params: Any, *, ae_model: AutoencoderKL, cfg: StepConfig,
-             mesh: Mesh | None, groups: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def lpl_term(
+  z0_hat: jax.Array,
+  z0: jax.Array,
+  ae_params: Any,
+  *,
+  ae_model: AutoencoderKL,
+  cfg: StepConfig,
+  mesh: Mesh | None,
+  groups: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Sums over all LPL rows of all devices; each device works on its local rows (shard_map over the batch)."""
   shards = 1 if mesh is None else mesh.size
   if shards == 1:
     return _local_lpl(z0_hat, z0, ae_params, ae_model=ae_model, cfg=cfg, groups=groups, axes=None)
   fn = jax.shard_map(
-      lambda zh, z, p: _local_lpl(zh, z, p, ae_model=ae_model, cfg=cfg, groups=groups // shards, axes=BATCH_AXES),
-      mesh=mesh, in_specs=(P(BATCH_AXES), P(BATCH_AXES), P()), out_specs=P())
+    lambda zh, z, p: _local_lpl(zh, z, p, ae_model=ae_model, cfg=cfg, groups=groups // shards, axes=BATCH_AXES),
+    mesh=mesh,
+    in_specs=(P(BATCH_AXES), P(BATCH_AXES), P()),
+    out_specs=P(),
+  )
   return fn(z0_hat, z0, ae_params)
 
 
@@ -173,14 +192,17 @@ def lpl_groups_of(cfg: StepConfig, batch: int, shards: int) -> int:
   groups = cfg.lpl_groups or shards * cfg.accum_steps
   split = shards * cfg.accum_steps
   if batch % split or batch % groups or groups % split:
-    raise ValueError(f'global batch {batch}, {shards} devices, {cfg.accum_steps} accumulation steps and {groups} LPL '
-                     'groups: the batch must split over devices x accumulation steps and over the groups, and the '
-                     'groups over devices x accumulation steps.')
+    raise ValueError(
+      f'global batch {batch}, {shards} devices, {cfg.accum_steps} accumulation steps and {groups} LPL '
+      'groups: the batch must split over devices x accumulation steps and over the groups, and the '
+      'groups over devices x accumulation steps.'
+    )
   return groups
 
 
-def noise_batch(keys: tuple[jax.Array, jax.Array, jax.Array], batch: dict[str, jax.Array], cfg: StepConfig,
-                groups: int) -> Noised:
+def noise_batch(
+  keys: tuple[jax.Array, jax.Array, jax.Array], batch: dict[str, jax.Array], cfg: StepConfig, groups: int
+) -> Noised:
   """Draws the timesteps (stratified when LPL is on), the noise and the label dropout for the whole batch from
   `keys = (t_key, noise_key, drop_key)`, so that gradient accumulation sees the same draws as one pass."""
   z0 = batch['latents']
@@ -195,14 +217,28 @@ def noise_batch(keys: tuple[jax.Array, jax.Array, jax.Array], batch: dict[str, j
   if 'labels' in batch:
     cond = {'y': jnp.where(drop, cfg.null_class, batch['labels'])}
   else:  # text: a dropped row gets zero embeddings
-    cond = {k: jnp.where(drop.reshape((b,) + (1,) * (v.ndim - 1)), jnp.zeros_like(v), v)
-            for k, v in batch.items() if k in ('context', 'pooled')}
+    cond = {
+      k: jnp.where(drop.reshape((b,) + (1,) * (v.ndim - 1)), jnp.zeros_like(v), v)
+      for k, v in batch.items()
+      if k in ('context', 'pooled')
+    }
   return Noised(z0, eps, cfg.formulation.add_noise(z0, eps, t), t, cond)
 
 
-def loss_fn(params: Any, rows: Noised, ae_params: Any, active: jax.Array, *, model: Any, cfg: StepConfig,
-            ae_model: AutoencoderKL | None, mesh: Mesh | None, groups: int, batch_size: int,
-            accum: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_fn(
+  params: Any,
+  rows: Noised,
+  ae_params: Any,
+  active: jax.Array,
+  *,
+  model: Any,
+  cfg: StepConfig,
+  ae_model: AutoencoderKL | None,
+  mesh: Mesh | None,
+  groups: int,
+  batch_size: int,
+  accum: int,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`rows`' share of the step's loss (the sum over the micro-batches is the batch's loss) and its metrics.
 
   `groups` are this micro-batch's stratification groups, `batch_size` the whole step's rows; `active` (traced)
@@ -234,8 +270,9 @@ def loss_fn(params: Any, rows: Noised, ae_params: Any, active: jax.Array, *, mod
   return total, metrics
 
 
-def accumulated_grads(grad_fn: Callable, params: Any, rows: Noised, *, shards: int, accum: int,
-                      mesh: Mesh | None) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+def accumulated_grads(
+  grad_fn: Callable, params: Any, rows: Noised, *, shards: int, accum: int, mesh: Mesh | None
+) -> tuple[jax.Array, dict[str, jax.Array], Any]:
   """`(loss, metrics, grads)` summed over `accum` micro-batches (a `lax.scan`); one pass when `accum == 1`."""
   if accum == 1:
     (total, metrics), grads = grad_fn(params, rows)
@@ -247,15 +284,24 @@ def accumulated_grads(grad_fn: Callable, params: Any, rows: Noised, *, shards: i
 
   micro = jax.tree.map(lambda x: _microbatches(x, shards, accum, mesh), rows)
   first = jax.tree.map(lambda x: x[0], micro)
-  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(lambda: (*grad_fn(params, first)[0],
-                                                                                      params)))
+  zeros = jax.tree.map(
+    lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(lambda: (*grad_fn(params, first)[0], params))
+  )
   (total, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
   return total, metrics, grads
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], ae_params: Any, *, model: Any,
-               optimizer: optax.GradientTransformation, cfg: StepConfig, ae_model: AutoencoderKL | None = None,
-               mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  ae_params: Any,
+  *,
+  model: Any,
+  optimizer: optax.GradientTransformation,
+  cfg: StepConfig,
+  ae_model: AutoencoderKL | None = None,
+  mesh: Mesh | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One step; `ae_params` are frozen.
 
   `batch`: `{'latents': [B, h, w, c] (scaled), 'labels': [B]}` for class-conditional denoisers, or
@@ -270,18 +316,42 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ae_params: Any, *
   rng, *keys = jax.random.split(state.rng, 4)
   rows = noise_batch(tuple(keys), batch, cfg, groups)
   active = state.step >= cfg.lpl_start_step
-  bound = functools.partial(loss_fn, ae_params=ae_params, active=active, model=model, cfg=cfg, ae_model=ae_model,
-                            mesh=mesh, groups=groups // accum, batch_size=b, accum=accum)
+  bound = functools.partial(
+    loss_fn,
+    ae_params=ae_params,
+    active=active,
+    model=model,
+    cfg=cfg,
+    ae_model=ae_model,
+    mesh=mesh,
+    groups=groups // accum,
+    batch_size=b,
+    accum=accum,
+  )
   grad_fn = jax.value_and_grad(bound, has_aux=True)
   total, metrics, grads = accumulated_grads(grad_fn, state.params, rows, shards=shards, accum=accum, mesh=mesh)
   if cfg.lpl is not None and cfg.lpl_rows_per_group > 0:
-    metrics.update({'lpl/rows': jnp.asarray(cfg.lpl_rows_per_group * groups * active, jnp.int32),
-                    'lpl/active': active.astype(jnp.int32)})
+    metrics.update(
+      {
+        'lpl/rows': jnp.asarray(cfg.lpl_rows_per_group * groups * active, jnp.int32),
+        'lpl/active': active.astype(jnp.int32),
+      }
+    )
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   step = state.step + 1
-  new_state = state.replace(step=step, params=params, opt_state=opt_state, rng=rng,
-                            ema_params=ema_update(state.ema_params, params, step, cfg.optim))
-  metrics.update({'loss/total': total, 'grad_norm': optax.global_norm(grads),
-                  'lr': jnp.asarray(learning_rate(cfg.optim)(state.step), jnp.float32)})
+  new_state = state.replace(
+    step=step,
+    params=params,
+    opt_state=opt_state,
+    rng=rng,
+    ema_params=ema_update(state.ema_params, params, step, cfg.optim),
+  )
+  metrics.update(
+    {
+      'loss/total': total,
+      'grad_norm': optax.global_norm(grads),
+      'lr': jnp.asarray(learning_rate(cfg.optim)(state.step), jnp.float32),
+    }
+  )
   return new_state, metrics

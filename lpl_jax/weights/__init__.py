@@ -7,25 +7,37 @@ returns the flat parameters or raises one `WeightsMismatchError` naming every pr
 """
 
 from lpl_jax.weights.files import (
-    is_float,
-    read_npz,
-    read_safetensors,
-    read_safetensors_folder,
-    read_tensors,
-    read_torch_state_dict,
+  is_float,
+  read_npz,
+  read_safetensors,
+  read_safetensors_folder,
+  read_tensors,
+  read_torch_state_dict,
 )
 from lpl_jax.weights.layout import (
-    Path,
-    flax_to_torch,
-    path_to_torch_name,
-    torch_name_to_path,
-    torch_shape,
-    torch_to_flax,
+  Path,
+  flax_to_torch,
+  path_to_torch_name,
+  torch_name_to_path,
+  torch_shape,
+  torch_to_flax,
 )
 from lpl_jax.weights.strict import WeightsMismatchError, expected_shapes, match_params
 
 __all__ = [
-    'Path', 'WeightsMismatchError', 'expected_shapes', 'flax_to_torch', 'is_float', 'match_params',
-    'path_to_torch_name', 'read_npz', 'read_safetensors', 'read_safetensors_folder', 'read_tensors',
-    'read_torch_state_dict', 'torch_name_to_path', 'torch_shape', 'torch_to_flax',
+  'Path',
+  'WeightsMismatchError',
+  'expected_shapes',
+  'flax_to_torch',
+  'is_float',
+  'match_params',
+  'path_to_torch_name',
+  'read_npz',
+  'read_safetensors',
+  'read_safetensors_folder',
+  'read_tensors',
+  'read_torch_state_dict',
+  'torch_name_to_path',
+  'torch_shape',
+  'torch_to_flax',
 ]

@@ -18,11 +18,21 @@ import numpy as np
 
 # Little-endian, as the format stores them.
 _SAFETENSORS_DTYPES = {
-    'F64': np.dtype('<f8'), 'F32': np.dtype('<f4'), 'F16': np.dtype('<f2'), 'BF16': np.dtype(ml_dtypes.bfloat16),
-    'F8_E4M3': np.dtype(ml_dtypes.float8_e4m3fn), 'F8_E5M2': np.dtype(ml_dtypes.float8_e5m2),
-    'I64': np.dtype('<i8'), 'I32': np.dtype('<i4'), 'I16': np.dtype('<i2'), 'I8': np.dtype('i1'),
-    'U64': np.dtype('<u8'), 'U32': np.dtype('<u4'), 'U16': np.dtype('<u2'), 'U8': np.dtype('u1'),
-    'BOOL': np.dtype('?'),
+  'F64': np.dtype('<f8'),
+  'F32': np.dtype('<f4'),
+  'F16': np.dtype('<f2'),
+  'BF16': np.dtype(ml_dtypes.bfloat16),
+  'F8_E4M3': np.dtype(ml_dtypes.float8_e4m3fn),
+  'F8_E5M2': np.dtype(ml_dtypes.float8_e5m2),
+  'I64': np.dtype('<i8'),
+  'I32': np.dtype('<i4'),
+  'I16': np.dtype('<i2'),
+  'I8': np.dtype('i1'),
+  'U64': np.dtype('<u8'),
+  'U32': np.dtype('<u4'),
+  'U16': np.dtype('<u2'),
+  'U8': np.dtype('u1'),
+  'BOOL': np.dtype('?'),
 }
 # ml_dtypes' floats are not `np.floating` subtypes for NumPy.
 _ML_FLOATS = frozenset(np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2))
@@ -63,8 +73,10 @@ def read_safetensors(path: str | os.PathLike, *, float_dtype: Any = np.float32) 
         raise ValueError(f'its header length {header_len} exceeds the file size {size}')
       header = json.loads(f.read(header_len))
       if not isinstance(header, dict) or not all(
-          isinstance(info, dict) and {'dtype', 'shape', 'data_offsets'} <= info.keys()
-          for name, info in header.items() if name != '__metadata__'):
+        isinstance(info, dict) and {'dtype', 'shape', 'data_offsets'} <= info.keys()
+        for name, info in header.items()
+        if name != '__metadata__'
+      ):
         raise ValueError('its header is not a JSON object of tensor entries (dtype, shape, data_offsets)')
     except (struct.error, UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
       raise ValueError(f'{path!r} is not a safetensors file: {e}') from e
@@ -74,8 +86,10 @@ def read_safetensors(path: str | os.PathLike, *, float_dtype: Any = np.float32) 
       if name == '__metadata__':
         continue
       if info['dtype'] not in _SAFETENSORS_DTYPES:
-        raise ValueError(f'{path!r}: tensor {name} has dtype {info["dtype"]}, which this reader does not know '
-                         f'({sorted(_SAFETENSORS_DTYPES)}).')
+        raise ValueError(
+          f'{path!r}: tensor {name} has dtype {info["dtype"]}, which this reader does not know '
+          f'({sorted(_SAFETENSORS_DTYPES)}).'
+        )
       dtype, shape = _SAFETENSORS_DTYPES[info['dtype']], tuple(info['shape'])
       begin, end = info['data_offsets']
       if base + end > size or end - begin != dtype.itemsize * int(np.prod(shape)):
@@ -87,8 +101,9 @@ def read_safetensors(path: str | os.PathLike, *, float_dtype: Any = np.float32) 
   return out
 
 
-def read_safetensors_folder(folder: str | os.PathLike, name: str, *, variant: str | None = None,
-                            float_dtype: Any = np.float32) -> dict[str, np.ndarray]:
+def read_safetensors_folder(
+  folder: str | os.PathLike, name: str, *, variant: str | None = None, float_dtype: Any = np.float32
+) -> dict[str, np.ndarray]:
   """Every tensor of a diffusers/transformers weights file in `folder`: `name` itself, or the shards its
   `name.index.json` lists (as `save_pretrained` writes large models).
 
@@ -114,10 +129,14 @@ def read_safetensors_folder(folder: str | os.PathLike, name: str, *, variant: st
       files = [os.path.join(folder, shard) for shard in sorted(set(json.load(f)['weight_map'].values()))]
   else:
     present = sorted(os.listdir(folder))
-    hint = ' PyTorch .bin weights are not read (no torch at run time); re-save with safe_serialization=True.' if any(
-        p.endswith('.bin') for p in present) else ''
-    raise FileNotFoundError(f'no weights in {folder!r}: expected {name} (or {name}.index.json); the folder holds '
-                            f'{present}.{hint}')
+    hint = (
+      ' PyTorch .bin weights are not read (no torch at run time); re-save with safe_serialization=True.'
+      if any(p.endswith('.bin') for p in present)
+      else ''
+    )
+    raise FileNotFoundError(
+      f'no weights in {folder!r}: expected {name} (or {name}.index.json); the folder holds {present}.{hint}'
+    )
   state = {}
   for file in files:
     if not os.path.isfile(file):
@@ -132,8 +151,9 @@ def read_npz(path: str | os.PathLike, *, float_dtype: Any = np.float32) -> dict[
     return {k: _cast(data[k], float_dtype) for k in data.files}
 
 
-def read_torch_state_dict(path: str | os.PathLike, *, float_dtype: Any = np.float32,
-                          no_torch_hint: str = '') -> dict[str, np.ndarray]:
+def read_torch_state_dict(
+  path: str | os.PathLike, *, float_dtype: Any = np.float32, no_torch_hint: str = ''
+) -> dict[str, np.ndarray]:
   """A state dict saved with `torch.save` (name -> tensor), loaded with `weights_only=True`.
 
   Args:
@@ -150,8 +170,9 @@ def read_torch_state_dict(path: str | os.PathLike, *, float_dtype: Any = np.floa
   try:
     import torch
   except ImportError as e:
-    raise ImportError(f'reading the torch state dict {path!r} needs PyTorch, which is not installed. '
-                      f'{no_torch_hint}'.rstrip()) from e
+    raise ImportError(
+      f'reading the torch state dict {path!r} needs PyTorch, which is not installed. {no_torch_hint}'.rstrip()
+    ) from e
   state = torch.load(path, map_location='cpu', weights_only=True)
   if not isinstance(state, Mapping):
     raise ValueError(f'{path!r} holds a {type(state).__name__}, expected a state dict (name -> tensor).')
@@ -171,8 +192,9 @@ def read_torch_state_dict(path: str | os.PathLike, *, float_dtype: Any = np.floa
   return {k: to_numpy(v) for k, v in state.items()}
 
 
-def read_tensors(path: str | os.PathLike, *, float_dtype: Any = np.float32,
-                 no_torch_hint: str = '') -> dict[str, np.ndarray]:
+def read_tensors(
+  path: str | os.PathLike, *, float_dtype: Any = np.float32, no_torch_hint: str = ''
+) -> dict[str, np.ndarray]:
   """The tensors of a `.safetensors`, `.npz` or torch (`.pth`/`.pt`/`.bin`) file, by its extension.
 
   Raises:
@@ -189,5 +211,4 @@ def read_tensors(path: str | os.PathLike, *, float_dtype: Any = np.float32,
     return read_npz(path, float_dtype=float_dtype)
   if ext in TORCH_EXTENSIONS:
     return read_torch_state_dict(path, float_dtype=float_dtype, no_torch_hint=no_torch_hint)
-  raise ValueError(f'{path!r}: unknown weights format {ext!r}; expected .safetensors, .npz or .pth/.pt/.bin '
-                   '(torch).')
+  raise ValueError(f'{path!r}: unknown weights format {ext!r}; expected .safetensors, .npz or .pth/.pt/.bin (torch).')

@@ -31,9 +31,15 @@ def expected_shapes(init: Callable[[], Any]) -> dict[Path, Shape]:
   return {path: tuple(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(shapes).items()}
 
 
-def match_params(tensors: Iterable[tuple[str, Path, np.ndarray]], expected: Mapping[Path, Shape], *, target: str,
-                 model: str = 'model', name_of: Callable[[Path], str] = path_to_torch_name,
-                 file_shape: Callable[[Shape], Shape] = torch_shape) -> dict[Path, np.ndarray]:
+def match_params(
+  tensors: Iterable[tuple[str, Path, np.ndarray]],
+  expected: Mapping[Path, Shape],
+  *,
+  target: str,
+  model: str = 'model',
+  name_of: Callable[[Path], str] = path_to_torch_name,
+  file_shape: Callable[[Shape], Shape] = torch_shape,
+) -> dict[Path, np.ndarray]:
   """The flat parameters of a converted weights file, checked against the shapes the model expects.
 
   Args:
@@ -74,10 +80,17 @@ def match_params(tensors: Iterable[tuple[str, Path, np.ndarray]], expected: Mapp
     else:
       accepted[path] = value
   missing = [f'{name_of(p)} {file_shape(s)}' for p, s in expected.items() if p not in accepted and p not in rejected]
-  problems = [f'{len(items)} {title} tensor(s):\n    ' + '\n    '.join(sorted(items))
-              for title, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped),
-                                   ('non-floating-point', not_float), ('given twice', duplicated))
-              if items]
+  problems = [
+    f'{len(items)} {title} tensor(s):\n    ' + '\n    '.join(sorted(items))
+    for title, items in (
+      ('missing', missing),
+      ('unexpected', unexpected),
+      ('mis-shaped', misshaped),
+      ('non-floating-point', not_float),
+      ('given twice', duplicated),
+    )
+    if items
+  ]
   if problems:
     raise WeightsMismatchError(f'weights do not match {target}:\n  ' + '\n  '.join(problems))
   return accepted

@@ -80,8 +80,9 @@ def run(workdir: str, experiments: Mapping[str, Experiment], s: DemoSettings = D
   times = {}
 
   t0 = _stage('1. autoencoder (trained on the embedded photographs once, then cached)')
-  ae_folder = ensure_autoencoder(os.path.join(workdir, 'autoencoder'), resolution=RESOLUTION, widths=s.ae_widths,
-                                 steps=s.ae_steps, seed=s.seed)
+  ae_folder = ensure_autoencoder(
+    os.path.join(workdir, 'autoencoder'), resolution=RESOLUTION, widths=s.ae_widths, steps=s.ae_steps, seed=s.seed
+  )
   info = read_training_info(ae_folder) or {}
   print(f'   {ae_folder}: held-out PSNR {info.get("heldout_psnr", float("nan")):.2f} dB')
   times['autoencoder'] = _done(t0)
@@ -91,15 +92,29 @@ def run(workdir: str, experiments: Mapping[str, Experiment], s: DemoSettings = D
   if not os.path.isfile(os.path.join(cache, 'index.json')):
     model, params = from_diffusers(ae_folder)
     source = data_lib.make_source('embedded', num_samples=s.cache_samples)
-    data_lib.encode_to_cache(source, model, params, cache, resolution=RESOLUTION, batch_size=64, store_std=True,
-                               random_crop=True, seed=s.seed, overwrite=True)
+    data_lib.encode_to_cache(
+      source,
+      model,
+      params,
+      cache,
+      resolution=RESOLUTION,
+      batch_size=64,
+      store_std=True,
+      random_crop=True,
+      seed=s.seed,
+      overwrite=True,
+    )
   times['cache'] = _done(t0)
 
   def config(variant, steps):
     return experiments[variant].replace(
-        total_steps=steps, seed=s.seed, progress=True, data={'source': f'cache:{cache}'},
-        autoencoder={'weights': ae_folder, 'allow_random_weights': False},
-        lpl={'num_blocks': len(s.ae_widths)})  # every decoder block (the paper's 4 blocks of an SD decoder)
+      total_steps=steps,
+      seed=s.seed,
+      progress=True,
+      data={'source': f'cache:{cache}'},
+      autoencoder={'weights': ae_folder, 'allow_random_weights': False},
+      lpl={'num_blocks': len(s.ae_widths)},
+    )  # every decoder block (the paper's 4 blocks of an SD decoder)
 
   t0 = _stage(f'3. pre-training a DiT, DDPM-eps, {s.pretrain_steps} steps')
   pre = os.path.join(workdir, 'pretrain')
@@ -117,8 +132,9 @@ def run(workdir: str, experiments: Mapping[str, Experiment], s: DemoSettings = D
   t0 = _stage(f'5. {s.num_samples} samples from each branch (DDIM, EMA)')
   samples = {}
   for name, variant in branches.items():
-    samples[name], _, _ = build.samples_from_run(config(variant, s.post_steps), workdirs[name], num=s.num_samples,
-                                                 batch_size=64, seed=s.seed + 1)
+    samples[name], _, _ = build.samples_from_run(
+      config(variant, s.post_steps), workdirs[name], num=s.num_samples, batch_size=64, seed=s.seed + 1
+    )
   real = real_images(s.num_samples, s.seed + 2)
   times['sampling'] = _done(t0)
 
@@ -142,17 +158,23 @@ def run(workdir: str, experiments: Mapping[str, Experiment], s: DemoSettings = D
 def real_images(num: int, seed: int) -> np.ndarray:
   """Real crops the way training saw them: uint8 `[num, 32, 32, 3]`."""
   source = data_lib.make_source('embedded', num_samples=max(num, 64))
-  pipeline = data_lib.make_image_pipeline(source, resolution=RESOLUTION, global_batch=num, seed=seed,
-                                          random_crop=True, process_index=0, process_count=1)
+  pipeline = data_lib.make_image_pipeline(
+    source, resolution=RESOLUTION, global_batch=num, seed=seed, random_crop=True, process_index=0, process_count=1
+  )
   images = next(iter(pipeline))['images']
   return np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
 
 
 def image_metrics(ext_params, real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
-  feats = [eval_lib.extract_features(x, small_domain.small_domain_features, 64, params=ext_params,
-                                     progress=False) for x in (real, fake)]
-  out = {'frechet_small_domain': eval_lib.frechet_distance(*eval_lib.feature_statistics(feats[0]),
-                                                           *eval_lib.feature_statistics(feats[1]))}
+  feats = [
+    eval_lib.extract_features(x, small_domain.small_domain_features, 64, params=ext_params, progress=False)
+    for x in (real, fake)
+  ]
+  out = {
+    'frechet_small_domain': eval_lib.frechet_distance(
+      *eval_lib.feature_statistics(feats[0]), *eval_lib.feature_statistics(feats[1])
+    )
+  }
   pr = eval_lib.prdc(feats[0], feats[1], nearest_k=eval_lib.PR_NEAREST_K)
   dc = eval_lib.prdc(feats[0], feats[1], nearest_k=eval_lib.DC_NEAREST_K)
   out.update(precision=pr['precision'], recall=pr['recall'], density=dc['density'], coverage=dc['coverage'])
@@ -162,16 +184,22 @@ def image_metrics(ext_params, real: np.ndarray, fake: np.ndarray) -> dict[str, f
 def write_report(workdir, s, ae_folder, ae_info, samples, real, metrics, spectra, workdirs, times) -> str:
   figs = os.path.join(workdir, 'figures')
   os.makedirs(figs, exist_ok=True)
-  report.side_by_side({'real crops': real[:16], 'baseline (no LPL)': samples['baseline'][:16],
-                       'with LPL': samples['LPL'][:16]}, os.path.join(figs, 'samples.png'))
-  report.loss_curves_figure({n: os.path.join(w, 'metrics.jsonl') for n, w in workdirs.items()},
-                            os.path.join(figs, 'loss_curves.png'))
-  eval_lib.plot_spectrum_difference(spectra['LPL'], spectra['baseline'], ('with LPL', 'baseline'),
-                                    os.path.join(figs, 'spectrum_lpl_vs_baseline.png'))
-  eval_lib.plot_spectrum_difference(spectra['LPL'], spectra['real'], ('with LPL', 'real'),
-                                    os.path.join(figs, 'spectrum_lpl_vs_real.png'))
-  eval_lib.plot_spectrum_difference(spectra['baseline'], spectra['real'], ('baseline', 'real'),
-                                    os.path.join(figs, 'spectrum_baseline_vs_real.png'))
+  report.side_by_side(
+    {'real crops': real[:16], 'baseline (no LPL)': samples['baseline'][:16], 'with LPL': samples['LPL'][:16]},
+    os.path.join(figs, 'samples.png'),
+  )
+  report.loss_curves_figure(
+    {n: os.path.join(w, 'metrics.jsonl') for n, w in workdirs.items()}, os.path.join(figs, 'loss_curves.png')
+  )
+  eval_lib.plot_spectrum_difference(
+    spectra['LPL'], spectra['baseline'], ('with LPL', 'baseline'), os.path.join(figs, 'spectrum_lpl_vs_baseline.png')
+  )
+  eval_lib.plot_spectrum_difference(
+    spectra['LPL'], spectra['real'], ('with LPL', 'real'), os.path.join(figs, 'spectrum_lpl_vs_real.png')
+  )
+  eval_lib.plot_spectrum_difference(
+    spectra['baseline'], spectra['real'], ('baseline', 'real'), os.path.join(figs, 'spectrum_baseline_vs_real.png')
+  )
   model, params = from_diffusers(ae_folder)
   x = real[:1].astype(np.float32) / 127.5 - 1
   mean, _ = model.apply({'params': params}, x, method=model.encode)
@@ -179,42 +207,70 @@ def write_report(workdir, s, ae_folder, ae_info, samples, real, metrics, spectra
   taps = report.features_and_masks(model, params, model.scale_latents(mean), lcfg)
   report.feature_mask_figure(taps, os.path.join(figs, 'decoder_features_outliers.png'), image=x[0])
 
-  spec_err = {n: float(np.mean(np.abs(eval_lib.log_spectrum_difference(spectra[n], spectra['real']))))
-              for n in ('baseline', 'LPL')}
-  rows = [('Frechet distance, small-domain features (lower is better; NOT Inception-FID)', 'frechet_small_domain',
-           '{:.3f}'), ('precision (k=3)', 'precision', '{:.3f}'), ('recall (k=3)', 'recall', '{:.3f}'),
-          ('density (k=5)', 'density', '{:.3f}'), ('coverage (k=5)', 'coverage', '{:.3f}')]
+  spec_err = {
+    n: float(np.mean(np.abs(eval_lib.log_spectrum_difference(spectra[n], spectra['real']))))
+    for n in ('baseline', 'LPL')
+  }
+  rows = [
+    ('Frechet distance, small-domain features (lower is better; NOT Inception-FID)', 'frechet_small_domain', '{:.3f}'),
+    ('precision (k=3)', 'precision', '{:.3f}'),
+    ('recall (k=3)', 'recall', '{:.3f}'),
+    ('density (k=5)', 'density', '{:.3f}'),
+    ('coverage (k=5)', 'coverage', '{:.3f}'),
+  ]
   lines = [
-      '# LPL vs baseline in miniature', '',
-      'The paper\'s experiment (Berrada et al., ICLR 2025, section 4) at toy scale on the photographs that ship with '
-      'scikit-image, on a CPU. Numbers are as measured in this run; at this scale differences between the branches '
-      'are within run-to-run noise unless they are large (docs/demo.md).', '',
-      '## Setup', '',
-      f'- autoencoder: KL, widths {list(s.ae_widths)}, trained {s.ae_steps} steps on {RESOLUTION} px crops; '
-      f'held-out PSNR {ae_info.get("heldout_psnr", float("nan")):.2f} dB; `{ae_folder}`',
-      f'- latent cache: {s.cache_samples} random crops (posterior mean and std)',
-      f'- denoiser: DiT (width 128, depth 4, patch 2), DDPM-eps; pre-training {s.pretrain_steps} steps, then '
-      f'{s.post_steps} post-training steps per branch from the same checkpoint with the same seeds',
-      '- LPL branch: w_lpl 3, the paper preset, tau scaled to 32 px; EMA 0.995 with LPL, 0.998 without (the '
-      'paper\'s ratio of half-lives)',
-      f'- sampling: DDIM 25 steps, CFG 1.5, EMA params, {s.num_samples} samples per branch', '',
-      '## Metrics', '',
-      '| metric | baseline | with LPL |', '|---|---|---|',
+    '# LPL vs baseline in miniature',
+    '',
+    "The paper's experiment (Berrada et al., ICLR 2025, section 4) at toy scale on the photographs that ship with "
+    'scikit-image, on a CPU. Numbers are as measured in this run; at this scale differences between the branches '
+    'are within run-to-run noise unless they are large (docs/demo.md).',
+    '',
+    '## Setup',
+    '',
+    f'- autoencoder: KL, widths {list(s.ae_widths)}, trained {s.ae_steps} steps on {RESOLUTION} px crops; '
+    f'held-out PSNR {ae_info.get("heldout_psnr", float("nan")):.2f} dB; `{ae_folder}`',
+    f'- latent cache: {s.cache_samples} random crops (posterior mean and std)',
+    f'- denoiser: DiT (width 128, depth 4, patch 2), DDPM-eps; pre-training {s.pretrain_steps} steps, then '
+    f'{s.post_steps} post-training steps per branch from the same checkpoint with the same seeds',
+    '- LPL branch: w_lpl 3, the paper preset, tau scaled to 32 px; EMA 0.995 with LPL, 0.998 without (the '
+    "paper's ratio of half-lives)",
+    f'- sampling: DDIM 25 steps, CFG 1.5, EMA params, {s.num_samples} samples per branch',
+    '',
+    '## Metrics',
+    '',
+    '| metric | baseline | with LPL |',
+    '|---|---|---|',
   ]
   for label, key, fmt in rows:
     lines.append(f'| {label} | {fmt.format(metrics["baseline"][key])} | {fmt.format(metrics["LPL"][key])} |')
-  lines.append(f'| mean abs log10 power-spectrum difference to real crops | {spec_err["baseline"]:.4f} | '
-               f'{spec_err["LPL"]:.4f} |')
-  lines += ['', '## Figures', '',
-            '![samples](figures/samples.png)', '',
-            'Loss curves of the two post-training branches:', '', '![loss curves](figures/loss_curves.png)', '',
-            'Power spectra (the paper\'s Figures 4-5):', '',
-            '![LPL vs baseline](figures/spectrum_lpl_vs_baseline.png)',
-            '![LPL vs real](figures/spectrum_lpl_vs_real.png)',
-            '![baseline vs real](figures/spectrum_baseline_vs_real.png)', '',
-            'Decoder feature maps of a real crop and their outlier masks (Algorithm 1; the paper\'s Figure 13):', '',
-            '![decoder features](figures/decoder_features_outliers.png)', '',
-            '## Time', '', '| stage | seconds |', '|---|---|']
+  lines.append(
+    f'| mean abs log10 power-spectrum difference to real crops | {spec_err["baseline"]:.4f} | {spec_err["LPL"]:.4f} |'
+  )
+  lines += [
+    '',
+    '## Figures',
+    '',
+    '![samples](figures/samples.png)',
+    '',
+    'Loss curves of the two post-training branches:',
+    '',
+    '![loss curves](figures/loss_curves.png)',
+    '',
+    "Power spectra (the paper's Figures 4-5):",
+    '',
+    '![LPL vs baseline](figures/spectrum_lpl_vs_baseline.png)',
+    '![LPL vs real](figures/spectrum_lpl_vs_real.png)',
+    '![baseline vs real](figures/spectrum_baseline_vs_real.png)',
+    '',
+    "Decoder feature maps of a real crop and their outlier masks (Algorithm 1; the paper's Figure 13):",
+    '',
+    '![decoder features](figures/decoder_features_outliers.png)',
+    '',
+    '## Time',
+    '',
+    '| stage | seconds |',
+    '|---|---|',
+  ]
   lines += [f'| {k} | {v:.0f} |' for k, v in times.items()]
   path = os.path.join(workdir, 'report.md')
   with open(path, 'w') as f:

@@ -30,6 +30,7 @@ def test_loads_save_pretrained_folder(kl_copy):
   assert model.config.norm_num_groups == 8
   n_params = sum(np.prod(v.shape) for v in state.values())
   import jax
+
   assert sum(x.size for x in jax.tree.leaves(params)) == n_params
 
 
@@ -85,12 +86,12 @@ def test_config_errors(kl_copy):
   folder, _ = kl_copy
   cfg = json.loads((folder / 'config.json').read_text())
   for change, pattern in (
-      ({'_class_name': 'VQModel'}, "describes a 'VQModel'"),
-      ({'norm_type': 'spatial'}, r"does not know: \['norm_type'\]"),
-      ({'act_fn': 'gelu'}, 'only "silu"'),
-      ({'up_block_types': ['AttnUpDecoderBlock2D'] * 3}, "only 'UpDecoderBlock2D'"),
-      ({'down_block_types': ['DownEncoderBlock2D'] * 2}, 'lists 2 down_block_types but 3 block widths'),
-      ({'latent_channels': 8}, 'mis-shaped'),
+    ({'_class_name': 'VQModel'}, "describes a 'VQModel'"),
+    ({'norm_type': 'spatial'}, r"does not know: \['norm_type'\]"),
+    ({'act_fn': 'gelu'}, 'only "silu"'),
+    ({'up_block_types': ['AttnUpDecoderBlock2D'] * 3}, "only 'UpDecoderBlock2D'"),
+    ({'down_block_types': ['DownEncoderBlock2D'] * 2}, 'lists 2 down_block_types but 3 block widths'),
+    ({'latent_channels': 8}, 'mis-shaped'),
   ):
     (folder / 'config.json').write_text(json.dumps(cfg | change))
     with pytest.raises(ValueError, match=pattern):
@@ -114,14 +115,19 @@ def test_bf16_safetensors_are_read(kl_copy, tmp_path):
   np.testing.assert_array_equal(kernel, expected)
 
 
-@pytest.mark.parametrize('name,ndim,path', [
+@pytest.mark.parametrize(
+  'name,ndim,path',
+  [
     ('decoder.up_blocks.0.resnets.1.conv1.weight', 4, ('decoder', 'up_blocks_0', 'resnets_1', 'conv1', 'kernel')),
-    ('decoder.mid_block.attentions.0.to_out.0.bias', 1,
-     ('decoder', 'mid_block', 'attentions_0', 'to_out_0', 'bias')),
-    ('encoder.mid_block.attentions.0.proj_attn.weight', 2,
-     ('encoder', 'mid_block', 'attentions_0', 'to_out_0', 'kernel')),
+    ('decoder.mid_block.attentions.0.to_out.0.bias', 1, ('decoder', 'mid_block', 'attentions_0', 'to_out_0', 'bias')),
+    (
+      'encoder.mid_block.attentions.0.proj_attn.weight',
+      2,
+      ('encoder', 'mid_block', 'attentions_0', 'to_out_0', 'kernel'),
+    ),
     ('decoder.conv_norm_out.weight', 1, ('decoder', 'conv_norm_out', 'scale')),
-])
+  ],
+)
 def test_name_mapping(name, ndim, path):
   assert torch_name_to_path(name, ndim) == path
   assert path_to_torch_name(path) == name.replace('proj_attn', 'to_out.0')
@@ -130,7 +136,7 @@ def test_name_mapping(name, ndim, path):
 def test_truncated_or_foreign_weights_file(kl_copy):
   folder, _ = kl_copy
   raw = (folder / WEIGHTS).read_bytes()
-  (folder / WEIGHTS).write_bytes(raw[:len(raw) // 2])
+  (folder / WEIGHTS).write_bytes(raw[: len(raw) // 2])
   with pytest.raises(ValueError, match='inconsistent offsets'):
     ae.from_diffusers(folder)
   (folder / WEIGHTS).write_bytes(b'PK\x03\x04 this is a zip file')
@@ -142,6 +148,7 @@ def test_fp16_safetensors_match_safetensors_own_reader(kl_copy):
   from safetensors.numpy import load_file as load_np
 
   from lpl_jax.weights import read_safetensors
+
   folder, state = kl_copy
   save_file({k: v.astype(np.float16) for k, v in state.items()}, str(folder / 'half.safetensors'))
   ours, theirs = read_safetensors(str(folder / 'half.safetensors')), load_np(str(folder / 'half.safetensors'))

@@ -27,8 +27,13 @@ def test_sd_shapes_match_the_documented_taps():
   params = jax.eval_shape(lambda: ae.init_params(model, jax.random.key(0)))
   z = jax.ShapeDtypeStruct((2, 32, 32, 4), jnp.float32)
   feats = jax.eval_shape(lambda p, z: _features(model, p, z, 4), params, z)
-  assert [f.shape for f in feats] == [(2, 32, 32, 512), (2, 64, 64, 512), (2, 128, 128, 512), (2, 256, 256, 256),
-                                      (2, 256, 256, 128)]
+  assert [f.shape for f in feats] == [
+    (2, 32, 32, 512),
+    (2, 64, 64, 512),
+    (2, 128, 128, 512),
+    (2, 256, 256, 256),
+    (2, 256, 256, 128),
+  ]
   recon = jax.eval_shape(lambda p, z: model.apply({'params': p}, z, method=model.decode), params, z)
   assert recon.shape == (2, 256, 256, 3)
 
@@ -39,8 +44,9 @@ def test_only_needed_blocks_are_computed(tiny, num_blocks):
   model, params = tiny
   dec = dict(params['decoder'])
   for name in list(dec):
-    if name in ('conv_norm_out', 'conv_out') or (name.startswith('up_blocks_') and
-                                                 int(name.split('_')[-1]) >= num_blocks):
+    if name in ('conv_norm_out', 'conv_out') or (
+      name.startswith('up_blocks_') and int(name.split('_')[-1]) >= num_blocks
+    ):
       del dec[name]
   pruned = {k: v for k, v in params.items() if k not in ('encoder', 'quant_conv')} | {'decoder': dec}
   z = jax.random.normal(jax.random.key(1), (2, 4, 4, 4))
@@ -135,8 +141,13 @@ def test_bad_image_inputs(tiny):
   with pytest.raises(ValueError, match='images have 1 channels'):
     model.apply({'params': params}, jnp.zeros((1, 16, 16, 1)), method=model.encode)
   with pytest.raises(ValueError, match='only for AsymmetricAutoencoderKL'):
-    model.apply({'params': params}, jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 16, 1)),
-                method=model.decode)
+    model.apply(
+      {'params': params},
+      jnp.zeros((1, 2, 2, 4)),
+      jnp.zeros((1, 16, 16, 3)),
+      jnp.zeros((1, 16, 16, 1)),
+      method=model.decode,
+    )
 
 
 def test_presets():
@@ -145,6 +156,7 @@ def test_presets():
     ae.from_preset('sd5')
   with pytest.raises(ValueError, match='positive multiple of norm_num_groups'):
     ae.AutoencoderConfig(block_out_channels=(30, 64), decoder_block_out_channels=(30, 64))
-  flat = flax.traverse_util.flatten_dict(jax.eval_shape(
-      lambda: ae.init_params(ae.from_preset('sd3'), jax.random.key(0))))
+  flat = flax.traverse_util.flatten_dict(
+    jax.eval_shape(lambda: ae.init_params(ae.from_preset('sd3'), jax.random.key(0)))
+  )
   assert not any('quant_conv' in k[0] for k in flat)

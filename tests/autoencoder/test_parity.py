@@ -34,8 +34,10 @@ def nhwc(t):
 def torch_features(vae, z, num_blocks, apply_post_quant_conv):
   """diffusers' own decoder forward, with the outputs of mid_block and up_blocks captured by forward hooks."""
   captured = []
-  hooks = [m.register_forward_hook(lambda _m, _i, out: captured.append(out))
-           for m in [vae.decoder.mid_block, *vae.decoder.up_blocks[:num_blocks]]]
+  hooks = [
+    m.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    for m in [vae.decoder.mid_block, *vae.decoder.up_blocks[:num_blocks]]
+  ]
   try:
     if apply_post_quant_conv and vae.post_quant_conv is not None:
       z = vae.post_quant_conv(z)
@@ -69,8 +71,15 @@ def test_encode_decode_parity(diffusers_folder, kind):
   with torch.no_grad():
     dist = vae.encode(nchw(x)).latent_dist
     expected_recon = vae.decode(nchw(z)).sample
-  chex.assert_shape(mean, (x.shape[0], x.shape[1] // 4 if kind != 'kl16' else x.shape[1] // 2,
-                           x.shape[2] // 4 if kind != 'kl16' else x.shape[2] // 2, vae.config.latent_channels))
+  chex.assert_shape(
+    mean,
+    (
+      x.shape[0],
+      x.shape[1] // 4 if kind != 'kl16' else x.shape[1] // 2,
+      x.shape[2] // 4 if kind != 'kl16' else x.shape[2] // 2,
+      vae.config.latent_channels,
+    ),
+  )
   assert rel_err(mean, nhwc(dist.mean)) <= TOL
   assert rel_err(logvar, nhwc(dist.logvar)) <= TOL
   assert rel_err(recon, nhwc(expected_recon)) <= TOL
@@ -85,8 +94,9 @@ def test_feature_tap_parity(diffusers_folder, kind, apply_post_quant_conv):
   model, params = _load(folder)
   _, z = _inputs(vae, seed=1)
   n = model.config.num_up_blocks
-  feats = jax.jit(lambda p, z: model.apply({'params': p}, z, n, apply_post_quant_conv,
-                                           method=model.decoder_features))(params, z)
+  feats = jax.jit(lambda p, z: model.apply({'params': p}, z, n, apply_post_quant_conv, method=model.decoder_features))(
+    params, z
+  )
   with torch.no_grad():
     expected = torch_features(vae, nchw(z), n, apply_post_quant_conv)
   assert len(feats) == len(expected) == n + 1
@@ -101,8 +111,9 @@ def test_feature_gradient_parity(diffusers_folder, kind):
   model, params = _load(folder)
   _, z = _inputs(vae, seed=2)
   n = model.config.num_up_blocks
-  shapes = [f.shape for f in jax.eval_shape(lambda z: model.apply({'params': params}, z, n,
-                                                                   method=model.decoder_features), z)]
+  shapes = [
+    f.shape for f in jax.eval_shape(lambda z: model.apply({'params': params}, z, n, method=model.decoder_features), z)
+  ]
   rng = np.random.default_rng(3)
   probes = [rng.normal(size=s).astype(np.float32) for s in shapes]
 
@@ -160,6 +171,7 @@ def test_legacy_attention_names(diffusers_folder, tmp_path):
     legacy[name] = value
   assert any('.proj_attn.' in k for k in legacy) and not any('.to_q.' in k for k in legacy)
   import shutil
+
   shutil.copy(f'{folder}/config.json', tmp_path / 'config.json')
   save_file(legacy, str(tmp_path / 'diffusion_pytorch_model.safetensors'))
 
@@ -216,5 +228,6 @@ def test_presets_are_the_diffusers_architectures(preset):
   state = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in reference.state_dict().items()}
   params = jax.eval_shape(lambda: convert_state_dict(state, model))
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == sum(
-      int(np.prod(v.shape)) for v in reference.state_dict().values())
+    int(np.prod(v.shape)) for v in reference.state_dict().values()
+  )
   assert reference.config.scaling_factor == model.scaling_factor

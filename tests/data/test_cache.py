@@ -17,9 +17,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # A two-level autoencoder (f=2) that compiles in seconds; scaling and shift are not 1 and 0, so that a cache that
 # forgot to scale (or scaled twice) would be caught.
-SMALL = ae.AutoencoderConfig(block_out_channels=(8, 16), decoder_block_out_channels=(8, 16), layers_per_block=1,
-                             decoder_layers_per_block=1, latent_channels=4, norm_num_groups=4, scaling_factor=0.5,
-                             shift_factor=0.1)
+SMALL = ae.AutoencoderConfig(
+  block_out_channels=(8, 16),
+  decoder_block_out_channels=(8, 16),
+  layers_per_block=1,
+  decoder_layers_per_block=1,
+  latent_channels=4,
+  norm_num_groups=4,
+  scaling_factor=0.5,
+  shift_factor=0.1,
+)
 
 
 def pipeline(source, **kw):
@@ -34,8 +41,9 @@ def write(path, count=10, shard_size=4, store_std=True, text=True, scale=2.0, sh
   std = rng.uniform(0.1, 0.5, size=mean.shape).astype(np.float32)
   labels = rng.integers(0, 5, count).astype(np.int32)
   emb = rng.normal(size=(count, 3, 8)).astype(np.float32)
-  with data.LatentCacheWriter(path, resolution=16, scaling_factor=scale, shift_factor=shift, store_std=store_std,
-                              shard_size=shard_size, **kw) as w:
+  with data.LatentCacheWriter(
+    path, resolution=16, scaling_factor=scale, shift_factor=shift, store_std=store_std, shard_size=shard_size, **kw
+  ) as w:
     for lo in range(0, count, 3):  # batches that do not line up with the shards
       sl = slice(lo, lo + 3)
       w.add(mean[sl], labels[sl], std[sl] if store_std else None, emb[sl] if text else None)
@@ -47,8 +55,9 @@ def test_writer_layout_and_source_records(tmp_path):
   mean, std, labels, emb = write(path)
   index = json.loads((path / 'index.json').read_text())
   assert index['count'] == 10 and index['num_shards'] == 3 and index['latents'] == 'raw'
-  assert sorted(os.listdir(path)) == sorted(['index.json', 'labels.npy'] + [
-      f'{k}-0000{s}.npy' for k in ('mean', 'std', 'text') for s in range(3)])
+  assert sorted(os.listdir(path)) == sorted(
+    ['index.json', 'labels.npy'] + [f'{k}-0000{s}.npy' for k in ('mean', 'std', 'text') for s in range(3)]
+  )
   np.testing.assert_array_equal(np.load(path / 'mean-00002.npy'), mean[8:])  # raw on disk
   src = data.LatentCacheSource(path)
   assert len(src) == 10 and src.latent_shape == (2, 3, 4) and src.resolution == 16 and src.has_std
@@ -142,17 +151,39 @@ def encode_directly(folder, images):
 def embedded_images(num, resolution):
   """The records `encode_to_cache` reads: the image pipeline, unshuffled, with the embedded photographs' random crops
   (the CLI's default for them) and the same seed, in one batch."""
-  return next(iter(data.make_image_pipeline(
-      data.EmbeddedSource(num_samples=num), resolution=resolution, global_batch=num, seed=0, shuffle=False,
-      random_crop=True, num_epochs=1, process_index=0, process_count=1)))
+  return next(
+    iter(
+      data.make_image_pipeline(
+        data.EmbeddedSource(num_samples=num),
+        resolution=resolution,
+        global_batch=num,
+        seed=0,
+        shuffle=False,
+        random_crop=True,
+        num_epochs=1,
+        process_index=0,
+        process_count=1,
+      )
+    )
+  )
 
 
 def test_encode_to_cache_equals_encoding_on_the_fly(tmp_path, small_autoencoder):
   out = tmp_path / 'cache'
   model, params, random_weights = ae.load_autoencoder(small_autoencoder)
   assert not random_weights
-  data.encode_to_cache(data.EmbeddedSource(num_samples=10), model, params, str(out), resolution=16, batch_size=4,
-                       store_std=True, random_crop=True, seed=0, progress=False)
+  data.encode_to_cache(
+    data.EmbeddedSource(num_samples=10),
+    model,
+    params,
+    str(out),
+    resolution=16,
+    batch_size=4,
+    store_std=True,
+    random_crop=True,
+    seed=0,
+    progress=False,
+  )
   src = data.LatentCacheSource(out)
   assert len(src) == 10 and src.latent_shape == (8, 8, 4)
   assert src.index['metadata']['autoencoder_config']['shift_factor'] == 0.1
@@ -171,8 +202,9 @@ def env():
 
 
 def run_encode(env, *args):
-  return subprocess.run([sys.executable, '-m', 'lpl_jax.encode', *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, '-m', 'lpl_jax.encode', *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
 
 
 def assert_error(proc, message):
@@ -194,19 +226,31 @@ def test_encode_argument_errors(tmp_path, small_autoencoder, env):
     data.encode_to_cache(src, model, params, str(tmp_path / 'x'), resolution=16, batch_size=2, num_samples=9)
   assert not os.listdir(tmp_path)
   # The command line: the library's errors and absl's flag errors end the same way.
-  assert_error(run_encode(env, '--autoencoder=nope', f'--out={tmp_path / "x"}', '--num_samples=4'),
-               "autoencoder 'nope' is neither a diffusers autoencoder folder (no such folder exists) nor a preset; "
-               'known presets: [')
-  assert_error(run_encode(env, f'--autoencoder={small_autoencoder}', '--resolution=16'),
-               'flag --out=None: Flag --out must have a value other than None.')
+  assert_error(
+    run_encode(env, '--autoencoder=nope', f'--out={tmp_path / "x"}', '--num_samples=4'),
+    "autoencoder 'nope' is neither a diffusers autoencoder folder (no such folder exists) nor a preset; "
+    'known presets: [',
+  )
+  assert_error(
+    run_encode(env, f'--autoencoder={small_autoencoder}', '--resolution=16'),
+    'flag --out=None: Flag --out must have a value other than None.',
+  )
   assert not os.listdir(tmp_path)
 
 
 @pytest.mark.slow
 def test_encode_cli_with_the_tiny_preset_says_weights_are_random(tmp_path, env):
   out = tmp_path / 'tiny'
-  proc = run_encode(env, '--source=embedded', '--num_samples=6', '--resolution=32', '--autoencoder=tiny',
-                    f'--out={out}', '--batch_size=4', '--noprogress')
+  proc = run_encode(
+    env,
+    '--source=embedded',
+    '--num_samples=6',
+    '--resolution=32',
+    '--autoencoder=tiny',
+    f'--out={out}',
+    '--batch_size=4',
+    '--noprogress',
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "preset 'tiny' has RANDOM weights" in proc.stdout
   model, params, random_weights = ae.load_autoencoder('tiny', seed=0)
@@ -235,10 +279,25 @@ def test_encode_cli_shards_the_batch_over_devices(tmp_path, small_autoencoder, e
   error), with its provenance in the index."""
   out1, out2 = tmp_path / 'one', tmp_path / 'two'
   model, params, _ = ae.load_autoencoder(small_autoencoder)
-  data.encode_to_cache(data.EmbeddedSource(num_samples=6), model, params, str(out1), resolution=16, batch_size=4,
-                       random_crop=True, seed=0, progress=False)
-  args = ['--source=embedded', '--num_samples=6', '--resolution=16', f'--autoencoder={small_autoencoder}',
-          '--batch_size=4', '--noprogress']
+  data.encode_to_cache(
+    data.EmbeddedSource(num_samples=6),
+    model,
+    params,
+    str(out1),
+    resolution=16,
+    batch_size=4,
+    random_crop=True,
+    seed=0,
+    progress=False,
+  )
+  args = [
+    '--source=embedded',
+    '--num_samples=6',
+    '--resolution=16',
+    f'--autoencoder={small_autoencoder}',
+    '--batch_size=4',
+    '--noprogress',
+  ]
   two = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   run = run_encode(two, *args, f'--out={out2}')
   assert run.returncode == 0, run.stderr[-3000:]
@@ -246,7 +305,8 @@ def test_encode_cli_shards_the_batch_over_devices(tmp_path, small_autoencoder, e
   meta = data.LatentCacheSource(out2).index['metadata']
   assert meta['num_classes'] == 16 and meta['autoencoder'] == small_autoencoder and meta['random_weights'] is False
   assert meta['source'] == 'embedded' and meta['crop']['random_crop'] and meta['seed'] == 0
-  np.testing.assert_allclose(np.load(out2 / 'mean-00000.npy'), np.load(out1 / 'mean-00000.npy'), rtol=1e-5,
-                             atol=1e-6)
-  assert_error(run_encode(two, *args, '--batch_size=3', f'--out={tmp_path / "x"}'),
-               'batch_size 3 must be a positive multiple of the 2 local devices')
+  np.testing.assert_allclose(np.load(out2 / 'mean-00000.npy'), np.load(out1 / 'mean-00000.npy'), rtol=1e-5, atol=1e-6)
+  assert_error(
+    run_encode(two, *args, '--batch_size=3', f'--out={tmp_path / "x"}'),
+    'batch_size 3 must be a positive multiple of the 2 local devices',
+  )

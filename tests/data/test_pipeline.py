@@ -32,8 +32,9 @@ def take(ds, n, state=None):
 
 
 def embedded(**kw):
-  args = dict(resolution=16, global_batch=8, seed=3, random_crop=True, random_flip=True, process_index=0,
-              process_count=1)
+  args = dict(
+    resolution=16, global_batch=8, seed=3, random_crop=True, random_flip=True, process_index=0, process_count=1
+  )
   args.update(kw)
   return data.make_image_pipeline(data.EmbeddedSource(num_samples=20), **args)
 
@@ -62,8 +63,7 @@ def test_same_seed_same_batches_other_seed_other_batches():
 
 
 def test_each_epoch_is_a_new_permutation():
-  ds = data.make_image_pipeline(IndexSource(12), resolution=8, global_batch=4, seed=0, process_index=0,
-                                process_count=1)
+  ds = data.make_image_pipeline(IndexSource(12), resolution=8, global_batch=4, seed=0, process_index=0, process_count=1)
   order = np.concatenate([b['labels'] for b in take(ds, 9)])  # 3 epochs
   epochs = order.reshape(3, 12)
   for e in epochs:
@@ -76,8 +76,9 @@ def test_each_epoch_is_a_new_permutation():
 
 
 def test_unshuffled_finite_epochs_are_in_source_order_and_drop_the_partial_batch():
-  ds = data.make_image_pipeline(IndexSource(10), resolution=8, global_batch=4, seed=0, shuffle=False, num_epochs=1,
-                                process_index=0, process_count=1)
+  ds = data.make_image_pipeline(
+    IndexSource(10), resolution=8, global_batch=4, seed=0, shuffle=False, num_epochs=1, process_index=0, process_count=1
+  )
   labels = [b['labels'].tolist() for b in ds]
   assert labels == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
@@ -128,8 +129,9 @@ def test_two_processes_concatenate_to_the_one_process_batch(resume_at):
       for _ in range(resume_at):
         next(it)
       state = data.iterator_state_from_bytes(data.iterator_state_to_bytes(it.get_state()))
-      shares.append([{}] * resume_at + take(embedded(global_batch=8, process_index=p, process_count=2), 6 - resume_at,
-                                            state=state))
+      shares.append(
+        [{}] * resume_at + take(embedded(global_batch=8, process_index=p, process_count=2), 6 - resume_at, state=state)
+      )
   start = resume_at or 0
   for step in range(start, 6):
     a, b = shares[0][step], shares[1][step]
@@ -160,16 +162,28 @@ def test_crops_and_flips_against_numpy(tmp_path):
   to_u8 = lambda x: np.round((x + 1) * 127.5).astype(np.uint8)
 
   # Centre crop at the short side's resolution: no resampling, exactly the middle 12x12 square.
-  (center,) = take(data.make_image_pipeline(src, resolution=12, global_batch=1, seed=0, process_index=0,
-                                            process_count=1), 1)
+  (center,) = take(
+    data.make_image_pipeline(src, resolution=12, global_batch=1, seed=0, process_index=0, process_count=1), 1
+  )
   np.testing.assert_array_equal(to_u8(center['images'][0]), pic[:, 4:16])
 
   # Full-size random crops at native resolution: each is a 12x12 window of the picture, possibly mirrored, and both
   # orientations and several offsets occur.
-  ds = data.make_image_pipeline(src, resolution=12, global_batch=1, seed=0, random_crop=True, crop_scale=(1.0, 1.0),
-                                random_flip=True, process_index=0, process_count=1)
-  windows = {(left, flip): (pic[:, left:left + 12, :][:, ::-1] if flip else pic[:, left:left + 12])
-             for left, flip in itertools.product(range(9), (False, True))}
+  ds = data.make_image_pipeline(
+    src,
+    resolution=12,
+    global_batch=1,
+    seed=0,
+    random_crop=True,
+    crop_scale=(1.0, 1.0),
+    random_flip=True,
+    process_index=0,
+    process_count=1,
+  )
+  windows = {
+    (left, flip): (pic[:, left : left + 12, :][:, ::-1] if flip else pic[:, left : left + 12])
+    for left, flip in itertools.product(range(9), (False, True))
+  }
   seen = set()
   for b in take(ds, 40):
     got = to_u8(b['images'][0])
@@ -189,8 +203,9 @@ def test_global_batch_not_divisible_by_process_count():
 
 def test_too_few_records_for_one_batch():
   with pytest.raises(ValueError, match='make no complete global batch of 16'):
-    data.make_image_pipeline(IndexSource(10), resolution=8, global_batch=16, seed=0, num_epochs=1, process_index=0,
-                             process_count=1)
+    data.make_image_pipeline(
+      IndexSource(10), resolution=8, global_batch=16, seed=0, num_epochs=1, process_index=0, process_count=1
+    )
 
 
 @pytest.mark.slow

@@ -59,11 +59,14 @@ def write_folder(root, sizes):
 
 
 def test_image_folder(tmp_path):
-  write_folder(tmp_path, {
+  write_folder(
+    tmp_path,
+    {
       'zebra': {'b.png': (20, 30, 'RGB'), 'a.jpg': (16, 16, 'RGB')},
       'ant': {'x.PNG': (24, 18, 'L')},
       'cat': {'c.bmp': (17, 19, 'RGBA')},
-  })
+    },
+  )
   (tmp_path / 'cat' / 'readme.txt').write_text('not an image')
   src = data.ImageFolderSource(tmp_path)
   assert src.class_names == ('ant', 'cat', 'zebra')
@@ -93,10 +96,14 @@ def write_tfds_metadata(data_dir, name='imagenet2012', splits=(('train', 10), ('
   """Real TFDS metadata (dataset_info.json, features.json) for `name`, written with TFDS's own APIs; the records
   themselves come from `tfds.testing.mock_data` (writing array_record image records needs TensorFlow's encoder)."""
   builder = tfds.builder(name, data_dir=str(data_dir), file_format='array_record')
-  template = lambda split: tfds.core.ShardedFileTemplate(data_dir=builder.data_path, dataset_name=name, split=split,
-                                                          filetype_suffix='array_record')
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=s, shard_lengths=[n], num_bytes=0, filename_template=template(s)) for s, n in splits]))
+  template = lambda split: tfds.core.ShardedFileTemplate(
+    data_dir=builder.data_path, dataset_name=name, split=split, filetype_suffix='array_record'
+  )
+  builder.info.set_splits(
+    tfds.core.SplitDict(
+      [tfds.core.SplitInfo(name=s, shard_lengths=[n], num_bytes=0, filename_template=template(s)) for s, n in splits]
+    )
+  )
   builder.data_path.mkdir(parents=True, exist_ok=True)
   builder.info.write_to_directory(builder.data_path)
 
@@ -109,8 +116,17 @@ def test_tfds_source_and_pipeline(tmp_path):
     rec = src[3]
     assert rec['image'].dtype == np.uint8 and rec['image'].shape[-1] == 3 and rec['label'].dtype == np.int32
     assert 0 <= int(rec['label']) < 1000
-    ds = data.make_image_pipeline(src, resolution=16, global_batch=4, seed=0, shuffle=False, random_crop=True,
-                                  num_epochs=1, process_index=0, process_count=1)
+    ds = data.make_image_pipeline(
+      src,
+      resolution=16,
+      global_batch=4,
+      seed=0,
+      shuffle=False,
+      random_crop=True,
+      num_epochs=1,
+      process_index=0,
+      process_count=1,
+    )
     batches = list(ds)
     assert len(batches) == 2
     np.testing.assert_array_equal(batches[0]['labels'], [int(src[i]['label']) for i in range(4)])

@@ -10,15 +10,19 @@ from diffusers import DDPMScheduler
 from lpl_jax import diffusion
 
 
-@pytest.mark.parametrize('name,diffusers_name,beta_start,beta_end', [
+@pytest.mark.parametrize(
+  'name,diffusers_name,beta_start,beta_end',
+  [
     ('scaled_linear', 'scaled_linear', 0.00085, 0.012),
     ('linear', 'linear', 1e-4, 0.02),
     ('cosine', 'squaredcos_cap_v2', 0.00085, 0.012),
-])
+  ],
+)
 @pytest.mark.parametrize('zero_terminal_snr', [False, True])
 def test_schedules_match_diffusers(name, diffusers_name, beta_start, beta_end, zero_terminal_snr):
-  reference = DDPMScheduler(beta_schedule=diffusers_name, beta_start=beta_start, beta_end=beta_end,
-                            rescale_betas_zero_snr=zero_terminal_snr).alphas_cumprod.numpy()
+  reference = DDPMScheduler(
+    beta_schedule=diffusers_name, beta_start=beta_start, beta_end=beta_end, rescale_betas_zero_snr=zero_terminal_snr
+  ).alphas_cumprod.numpy()
   ours = diffusion.get_schedule(name, beta_start=beta_start, beta_end=beta_end, zero_terminal_snr=zero_terminal_snr)
   assert ours.shape == (1000,)
   np.testing.assert_allclose(ours, reference, atol=1e-6, rtol=0)
@@ -79,10 +83,10 @@ def test_noise_level():
 
 
 SAMPLER_CASES = [
-    (diffusion.TimestepSampler(num_timesteps=1000), 'ddpm_eps'),
-    (diffusion.TimestepSampler('logit_normal'), 'flow_ot'),
-    (diffusion.TimestepSampler('mode', mode_scale=1.29), 'flow_ot'),
-    (diffusion.TimestepSampler('logit_normal', shift=diffusion.resolution_shift(512)), 'flow_ot'),
+  (diffusion.TimestepSampler(num_timesteps=1000), 'ddpm_eps'),
+  (diffusion.TimestepSampler('logit_normal'), 'flow_ot'),
+  (diffusion.TimestepSampler('mode', mode_scale=1.29), 'flow_ot'),
+  (diffusion.TimestepSampler('logit_normal', shift=diffusion.resolution_shift(512)), 'flow_ot'),
 ]
 
 

@@ -43,8 +43,9 @@ def test_matches_pytorch_fid_and_prdc(random_inception, tmp_path):
   samples = _batch(tmp_path / 'samples.npz', 7, seed=1)
   ref = _batch(tmp_path / 'ref.npz', 8, seed=2, mu=np.zeros(2048), sigma=np.eye(2048))  # stored stats: unused
   out = tmp_path / 'metrics.json'
-  metrics = lpl_eval.evaluate_samples(tmp_path / 'samples.npz', tmp_path / 'ref.npz', weights, out=out,
-                                      batch_size=BATCH, progress=False)
+  metrics = lpl_eval.evaluate_samples(
+    tmp_path / 'samples.npz', tmp_path / 'ref.npz', weights, out=out, batch_size=BATCH, progress=False
+  )
   assert json.loads(out.read_text()) == metrics
 
   fake, real = torch_fid_features(torch_model, samples), torch_fid_features(torch_model, ref)
@@ -61,8 +62,9 @@ def test_matches_pytorch_fid_and_prdc(random_inception, tmp_path):
 
   # A statistics-only reference (pytorch-fid's mu/sigma format): FID against those, no k-NN metrics.
   np.savez(tmp_path / 'stats.npz', mu=_stats(real)[0], sigma=_stats(real)[1])
-  only_fid = lpl_eval.evaluate_samples(tmp_path / 'samples.npz', tmp_path / 'stats.npz', weights, batch_size=BATCH,
-                                       progress=False)
+  only_fid = lpl_eval.evaluate_samples(
+    tmp_path / 'samples.npz', tmp_path / 'stats.npz', weights, batch_size=BATCH, progress=False
+  )
   assert only_fid['fid'] == pytest.approx(expected_fid, rel=1e-3)
   assert only_fid['precision'] is None and only_fid['coverage'] is None
 
@@ -73,8 +75,14 @@ def test_cli_prints_and_writes_the_metrics(random_inception, tmp_path):
   _batch(tmp_path / 'samples.npz', 7, seed=1)
   _batch(tmp_path / 'ref.npz', 8, seed=2)
   out = tmp_path / 'metrics.json'
-  proc = _cli(f'--samples={tmp_path / "samples.npz"}', f'--ref={tmp_path / "ref.npz"}', f'--inception={weights}',
-              f'--out={out}', f'--batch_size={BATCH}', '--noprogress')
+  proc = _cli(
+    f'--samples={tmp_path / "samples.npz"}',
+    f'--ref={tmp_path / "ref.npz"}',
+    f'--inception={weights}',
+    f'--out={out}',
+    f'--batch_size={BATCH}',
+    '--noprogress',
+  )
   stdout, stderr = proc.communicate(timeout=600)
   assert proc.returncode == 0, stderr[-3000:]
   metrics = json.loads(out.read_text())
@@ -95,12 +103,11 @@ def test_errors(tmp_path):
   missing = str(tmp_path / 'pt_inception-2015-12-05-6726825d.pth')
   nowhere = str(tmp_path / 'nowhere.npz')
   cases = [  # (library arguments, the same on the command line, the error)
-      ((samples, samples, missing), {}, [], FileNotFoundError, f'Inception weights file {missing!r} does not'),
-      ((floats, samples, missing), {}, [], ValueError, 'expected uint8 [N, H, W, 3] images'),
-      ((few, samples, missing), {}, [], ValueError, '5 samples are too few for nearest_k=5: need at least 6'),
-      ((samples, samples, missing), {'nearest_k_dc': 0}, ['--nearest_k_dc=0'], ValueError,
-       'nearest_k_dc must be >= 1'),
-      ((samples, nowhere, missing), {}, [], FileNotFoundError, f'reference file {nowhere!r} does not exist'),
+    ((samples, samples, missing), {}, [], FileNotFoundError, f'Inception weights file {missing!r} does not'),
+    ((floats, samples, missing), {}, [], ValueError, 'expected uint8 [N, H, W, 3] images'),
+    ((few, samples, missing), {}, [], ValueError, '5 samples are too few for nearest_k=5: need at least 6'),
+    ((samples, samples, missing), {'nearest_k_dc': 0}, ['--nearest_k_dc=0'], ValueError, 'nearest_k_dc must be >= 1'),
+    ((samples, nowhere, missing), {}, [], FileNotFoundError, f'reference file {nowhere!r} does not exist'),
   ]
   procs = []
   for (s, r, w), kwargs, flags, error, message in cases:
@@ -108,10 +115,18 @@ def test_errors(tmp_path):
       lpl_eval.evaluate_samples(s, r, w, **kwargs)
     assert message in str(info.value), (message, str(info.value))
     procs.append((_cli(f'--samples={s}', f'--ref={r}', f'--inception={w}', *flags), message))
-  procs.append((_cli(f'--samples={samples}', f'--ref={samples}'), 'flag --inception=None: Flag --inception must '
-                'have a value other than None.'))
-  procs.append((_cli(f'--samples={samples}', f'--ref={samples}', f'--inception={missing}', '--ref_stats=both'),
-                'flag --ref_stats=both: value should be one of <computed|stored>'))
+  procs.append(
+    (
+      _cli(f'--samples={samples}', f'--ref={samples}'),
+      'flag --inception=None: Flag --inception must have a value other than None.',
+    )
+  )
+  procs.append(
+    (
+      _cli(f'--samples={samples}', f'--ref={samples}', f'--inception={missing}', '--ref_stats=both'),
+      'flag --ref_stats=both: value should be one of <computed|stored>',
+    )
+  )
   for proc, message in procs:  # the processes ran side by side
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2, (message, proc.returncode, stderr[-3000:])

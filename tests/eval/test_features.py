@@ -46,8 +46,9 @@ def test_iterable_of_uneven_chunks_and_npz_path(tmp_path):
   no_params = lambda x: colour_moments({'w': 1.0}, x)
   np.testing.assert_allclose(lpl_eval.extract_features(chunks, no_params, 5, progress=False), expected, rtol=1e-5)
   lpl_eval.save_npz_images(tmp_path / 'samples.npz', images)
-  np.testing.assert_allclose(lpl_eval.extract_features(str(tmp_path / 'samples.npz'), no_params, 5, progress=False),
-                             expected, rtol=1e-5)
+  np.testing.assert_allclose(
+    lpl_eval.extract_features(str(tmp_path / 'samples.npz'), no_params, 5, progress=False), expected, rtol=1e-5
+  )
 
 
 def test_explicit_mesh_and_layout_errors():
@@ -63,7 +64,7 @@ def test_explicit_mesh_and_layout_errors():
 
 def test_sharded_over_four_devices():
   """A fresh process with 4 host devices: the default mesh splits each batch of 8 over them."""
-  script = textwrap.dedent('''
+  script = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np
       from lpl_jax import eval as lpl_eval
       from tests.eval.test_features import colour_moments, numpy_colour_moments, _images
@@ -84,8 +85,9 @@ def test_sharded_over_four_devices():
       except ValueError as e:
         assert 'multiple of' in str(e), e
       print('OK')
-  ''')
+  """)
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
-  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+  result = subprocess.run(
+    [sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 0 and result.stdout.strip().endswith('OK'), result.stderr[-3000:]

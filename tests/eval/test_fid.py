@@ -8,8 +8,10 @@ from lpl_jax import eval as lpl_eval
 
 # Singular products are the point of some tests; scipy's warnings about them (and about the error estimate that
 # pytorch-fid asks of a non-finite root) are expected.
-pytestmark = [pytest.mark.filterwarnings('ignore::scipy.linalg.LinAlgWarning'),
-              pytest.mark.filterwarnings('ignore:invalid value encountered in matmul:RuntimeWarning')]
+pytestmark = [
+  pytest.mark.filterwarnings('ignore::scipy.linalg.LinAlgWarning'),
+  pytest.mark.filterwarnings('ignore:invalid value encountered in matmul:RuntimeWarning'),
+]
 
 
 def _features(seed, n, d, shift=0.0, scale=1.0):
@@ -48,10 +50,13 @@ def test_rank_deficient_covariances_match_pytorch_fid():
   assert np.isfinite(ours) and abs(ours - theirs) <= 1e-6
 
 
-@pytest.mark.parametrize('s1,s2', [
+@pytest.mark.parametrize(
+  's1,s2',
+  [
     (np.diag([1.0, 0.0]), np.array([[0.0, 2.0], [0.0, 0.0]])),
     (np.array([[0.0, 1.0], [0.0, 0.0]]), np.diag([1.0, 4.0])),
-])
+  ],
+)
 def test_non_finite_square_root_takes_the_eps_fallback_like_pytorch_fid(s1, s2, caplog):
   # A nilpotent product has no square root: scipy returns inf, both implementations retry with eps on the diagonals.
   mu1, mu2 = np.zeros(2), np.array([1.0, -1.0])

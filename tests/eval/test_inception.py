@@ -42,8 +42,11 @@ def test_features_match_pytorch_fid(random_inception):
 def test_resize_matches_torch_interpolate(shape):
   x = np.random.default_rng(1).uniform(size=(2, *shape, 3)).astype(np.float32)
   out = jax.jit(inception.resize_bilinear)(x)
-  expected = F.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), size=(299, 299), mode='bilinear',
-                           align_corners=False).numpy().transpose(0, 2, 3, 1)
+  expected = (
+    F.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), size=(299, 299), mode='bilinear', align_corners=False)
+    .numpy()
+    .transpose(0, 2, 3, 1)
+  )
   # float32 sums in another order: a few ulps of the [0, 1] pixel range.
   np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
 
@@ -66,10 +69,13 @@ def test_npz_and_safetensors_exports_hold_the_same_weights(random_inception, tmp
     _, converted = lpl_eval.load_inception(tmp_path / f'w.{ext}')
     jax.tree.map(np.testing.assert_array_equal, converted, params)
   # Layouts: conv [O, I, kh, kw] -> [kh, kw, I, O]; BN running statistics kept as parameters.
-  np.testing.assert_array_equal(params['Mixed_6b']['branch7x7_2']['conv']['kernel'],
-                                state['Mixed_6b.branch7x7_2.conv.weight'].numpy().transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(params['Mixed_7c']['branch_pool']['bn']['var'],
-                                state['Mixed_7c.branch_pool.bn.running_var'].numpy())
+  np.testing.assert_array_equal(
+    params['Mixed_6b']['branch7x7_2']['conv']['kernel'],
+    state['Mixed_6b.branch7x7_2.conv.weight'].numpy().transpose(2, 3, 1, 0),
+  )
+  np.testing.assert_array_equal(
+    params['Mixed_7c']['branch_pool']['bn']['var'], state['Mixed_7c.branch_pool.bn.running_var'].numpy()
+  )
 
 
 def test_strict_import_names_every_problem(random_inception):

@@ -17,8 +17,12 @@ def numpy_prdc(real, fake, k):
   fake_radii = np.sort(dist(fake, fake), axis=1)[:, k]
   d = dist(real, fake)  # [N, M]
   inside_real = d < real_radii[:, None]
-  return dict(precision=inside_real.any(axis=0).mean(), recall=(d < fake_radii[None, :]).any(axis=1).mean(),
-              density=inside_real.sum(axis=0).mean() / k, coverage=(d.min(axis=1) < real_radii).mean())
+  return dict(
+    precision=inside_real.any(axis=0).mean(),
+    recall=(d < fake_radii[None, :]).any(axis=1).mean(),
+    density=inside_real.sum(axis=0).mean() / k,
+    coverage=(d.min(axis=1) < real_radii).mean(),
+  )
 
 
 def _sets(seed, n, m, d):

@@ -17,7 +17,7 @@ def trained(tmp_path_factory):
 def test_learns_to_tell_the_photographs_apart(trained):
   _, _, info = trained
   # 12 classes: chance is 0.083. Measured 0.8-0.9 after 40-60 steps; 0.5 leaves room for other seeds and platforms.
-  assert info["heldout_accuracy"] > 0.5, info
+  assert info['heldout_accuracy'] > 0.5, info
   assert np.isfinite(info['final_loss'])
 
 

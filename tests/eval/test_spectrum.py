@@ -31,8 +31,7 @@ def numpy_spectrum(images):
 @pytest.mark.parametrize('shape', [(3, 16, 16, 3), (2, 12, 20, 1)])
 def test_matches_numpy_loop(shape):
   images = np.random.default_rng(0).uniform(size=shape).astype(np.float32)
-  np.testing.assert_allclose(lpl_eval.radial_power_spectrum(images, batch_size=2), numpy_spectrum(images),
-                             rtol=2e-5)
+  np.testing.assert_allclose(lpl_eval.radial_power_spectrum(images, batch_size=2), numpy_spectrum(images), rtol=2e-5)
 
 
 @pytest.mark.parametrize('freq,axis', [(5, 'x'), (9, 'y'), (3, 'diag')])
@@ -50,7 +49,7 @@ def test_sinusoid_peaks_at_its_frequency(freq, axis):
   assert np.max(others) < 1e-10 * spec[expected_bin]
   # Parseval: the total power of the wave is (0.4^2 / 2) * H * W, spread over the ring's members.
   bins, _ = lpl_eval.spectrum.radial_bins(size, size)
-  assert spec[expected_bin] * np.sum(bins == expected_bin) == pytest.approx(0.4 ** 2 / 2 * size * size, rel=1e-5)
+  assert spec[expected_bin] * np.sum(bins == expected_bin) == pytest.approx(0.4**2 / 2 * size * size, rel=1e-5)
 
 
 def test_uint8_is_scaled_to_unit_range():

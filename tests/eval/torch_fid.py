@@ -43,6 +43,7 @@ def pytorch_fid_model(state: dict[str, torch.Tensor], monkeypatch) -> pfi.Incept
   """pytorch-fid's `InceptionV3([3])` (the FID feature extractor: resize, normalise, pool3), loading `state` where
   it would download the trained weights."""
   monkeypatch.setattr(pfi, 'load_state_dict_from_url', lambda *a, **k: state)
-  model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True,
-                          use_fid_inception=True)
+  model = pfi.InceptionV3(
+    [pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True, use_fid_inception=True
+  )
   return model.eval()

@@ -61,12 +61,22 @@ class Launch:
     _executable(self.bin / 'gcloud', FAKE_GCLOUD)
     self.log = tmp_path / 'calls.jsonl'
     env = {k: v for k, v in os.environ.items() if not k.startswith(('LPL_TPU_', 'FAKE_', 'TPU_WORKER_ID'))}
-    self.env = {**env, 'PATH': f'{self.bin}{os.pathsep}{env["PATH"]}', 'FAKE_GCLOUD_LOG': str(self.log),
-                'TMPDIR': str(tmp_path)}
+    self.env = {
+      **env,
+      'PATH': f'{self.bin}{os.pathsep}{env["PATH"]}',
+      'FAKE_GCLOUD_LOG': str(self.log),
+      'TMPDIR': str(tmp_path),
+    }
 
   def run(self, script: str, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(['bash', str(LAUNCH / script), *args], capture_output=True, text=True,
-                            env={**self.env, **env}, cwd=self.tmp, timeout=30)
+    result = subprocess.run(
+      ['bash', str(LAUNCH / script), *args],
+      capture_output=True,
+      text=True,
+      env={**self.env, **env},
+      cwd=self.tmp,
+      timeout=30,
+    )
     if check and result.returncode != 0:
       raise AssertionError(f'{script} {args} exited {result.returncode}: {result.stderr}')
     return result
@@ -93,8 +103,9 @@ class Worker:
 
   def sh(self, command: str, **env: str) -> subprocess.CompletedProcess:
     """Runs an ssh --command as the worker's login shell does: `bash -c COMMAND` in the home folder."""
-    return subprocess.run(['bash', '-c', command], capture_output=True, text=True, cwd=self.home,
-                          env={**self.env, **env}, timeout=30)
+    return subprocess.run(
+      ['bash', '-c', command], capture_output=True, text=True, cwd=self.home, env={**self.env, **env}, timeout=30
+    )
 
   def trainer_calls(self, count: int = 1, timeout: float = 10.0) -> list[dict]:
     """The fake trainer's records, waiting for `count` of them (it starts in the background)."""

@@ -9,10 +9,29 @@ import pytest
 
 from tests.launch.conftest import FAKE_PYTHON, LAUNCH, _executable
 
-ARGS = ['--config', 'configs/imagenet.py:post256,lpl', '--workdir', 'runs/post 256', '--gpus', '8', '--fsdp', '4',
-        '--env', 'MY_FLAG=x y', '--', "--config.data.source=folder:/data/it's here"]
-EXPECTED = ['-m', 'lpl_jax.main', '--config=configs/imagenet.py:post256,lpl', '--workdir=runs/post 256',
-            '--config.mesh.data=-1', '--config.mesh.fsdp=4', "--config.data.source=folder:/data/it's here"]
+ARGS = [
+  '--config',
+  'configs/imagenet.py:post256,lpl',
+  '--workdir',
+  'runs/post 256',
+  '--gpus',
+  '8',
+  '--fsdp',
+  '4',
+  '--env',
+  'MY_FLAG=x y',
+  '--',
+  "--config.data.source=folder:/data/it's here",
+]
+EXPECTED = [
+  '-m',
+  'lpl_jax.main',
+  '--config=configs/imagenet.py:post256,lpl',
+  '--workdir=runs/post 256',
+  '--config.mesh.data=-1',
+  '--config.mesh.fsdp=4',
+  "--config.data.source=folder:/data/it's here",
+]
 
 
 @pytest.fixture
@@ -32,27 +51,46 @@ def test_train_command_line_and_environment(launch, python):
 def test_dry_run_prints_the_command_and_runs_nothing(launch, python):
   out = launch.run('gpu.sh', 'train', '--python', str(python), '--mem-fraction', '.8', '--dry-run', *ARGS).stdout
   [line] = out.splitlines()
-  assert shlex.split(line) == ['env', 'XLA_PYTHON_CLIENT_MEM_FRACTION=.8', 'CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7',
-                               'MY_FLAG=x y', str(python), *EXPECTED]
+  assert shlex.split(line) == [
+    'env',
+    'XLA_PYTHON_CLIENT_MEM_FRACTION=.8',
+    'CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7',
+    'MY_FLAG=x y',
+    str(python),
+    *EXPECTED,
+  ]
   assert not (launch.tmp / 'python_calls.jsonl').exists()
   [setup] = launch.run('gpu.sh', 'setup', '--cuda', '13', '--dry-run').stdout.splitlines()
   assert shlex.split(setup) == ['bash', str(LAUNCH / 'worker.sh'), 'setup', '--extra', 'cuda13']
 
 
 def test_all_visible_gpus_without_gpus(launch, python):
-  [line] = launch.run('gpu.sh', 'train', '--config', 'c.py', '--workdir', 'w', '--python', str(python),
-                      '--dry-run').stdout.splitlines()
-  assert shlex.split(line) == ['env', 'XLA_PYTHON_CLIENT_MEM_FRACTION=0.9', str(python), '-m', 'lpl_jax.main',
-                               '--config=c.py', '--workdir=w', '--config.mesh.data=-1', '--config.mesh.fsdp=1']
+  [line] = launch.run(
+    'gpu.sh', 'train', '--config', 'c.py', '--workdir', 'w', '--python', str(python), '--dry-run'
+  ).stdout.splitlines()
+  assert shlex.split(line) == [
+    'env',
+    'XLA_PYTHON_CLIENT_MEM_FRACTION=0.9',
+    str(python),
+    '-m',
+    'lpl_jax.main',
+    '--config=c.py',
+    '--workdir=w',
+    '--config.mesh.data=-1',
+    '--config.mesh.fsdp=1',
+  ]
 
 
-@pytest.mark.parametrize('args, message', [
+@pytest.mark.parametrize(
+  'args, message',
+  [
     (['train', '--workdir', 'w'], '--config is required'),
     (['train', '--config', 'c.py'], '--workdir is required'),
     (['train', '--config', 'c.py', '--workdir', 'w', '--gpus', '6', '--fsdp', '4'], 'not a multiple of --fsdp=4'),
     (['train', '--config', 'c.py', '--workdir', 'w', '--zone', 'z'], "'train' has no option --zone"),
     (['setup', '--cuda', '11'], 'expected 12 or 13'),
-])
+  ],
+)
 def test_bad_usage(launch, args, message):
   result = launch.run('gpu.sh', *args, check=False)
   assert result.returncode != 0 and message in result.stderr

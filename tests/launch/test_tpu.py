@@ -17,41 +17,98 @@ SSH = ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'pod', *LOC]
 
 # Arguments a shell would mangle if any step forgot to quote: spaces, single and double quotes, $, glob characters.
 WORKDIR = 'gs://my-bucket/runs/post 256'
-OVERRIDES = ["--config.data.source=folder:/mnt/disks/data/it's here", '--config.total_steps=1000',
-             '--config.autoencoder.weights=/mnt/ae "sd" $HOME *']
+OVERRIDES = [
+  "--config.data.source=folder:/mnt/disks/data/it's here",
+  '--config.total_steps=1000',
+  '--config.autoencoder.weights=/mnt/ae "sd" $HOME *',
+]
 
 
 def test_create_tpu_vm(launch):
   launch.run('tpu.sh', 'create', *NODE, '--accelerator-type', 'v4-32')
-  assert launch.calls() == [['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'pod', *LOC,
-                             '--accelerator-type=v4-32', '--version=tpu-ubuntu2204-base']]
+  assert launch.calls() == [
+    [
+      'gcloud',
+      'compute',
+      'tpus',
+      'tpu-vm',
+      'create',
+      'pod',
+      *LOC,
+      '--accelerator-type=v4-32',
+      '--version=tpu-ubuntu2204-base',
+    ]
+  ]
 
 
 def test_create_queued_spot(launch):
-  launch.run('tpu.sh', 'create', *NODE, '--accelerator-type=v5litepod-16', '--queued', '--spot',
-             '--valid-until', '6h')
-  assert launch.calls() == [['gcloud', 'compute', 'tpus', 'queued-resources', 'create', 'pod', *LOC,
-                             '--node-id=pod', '--accelerator-type=v5litepod-16',
-                             '--runtime-version=v2-alpha-tpuv5-lite', '--spot', '--valid-until-duration=6h']]
+  launch.run('tpu.sh', 'create', *NODE, '--accelerator-type=v5litepod-16', '--queued', '--spot', '--valid-until', '6h')
+  assert launch.calls() == [
+    [
+      'gcloud',
+      'compute',
+      'tpus',
+      'queued-resources',
+      'create',
+      'pod',
+      *LOC,
+      '--node-id=pod',
+      '--accelerator-type=v5litepod-16',
+      '--runtime-version=v2-alpha-tpuv5-lite',
+      '--spot',
+      '--valid-until-duration=6h',
+    ]
+  ]
 
 
 def test_create_best_effort_is_queued_on_alpha_with_extra_flags(launch):
-  launch.run('tpu.sh', 'create', *NODE, '--accelerator-type', 'v5p-16', '--best-effort',
-             '--runtime-version', 'my-runtime', '--', '--network=my net', '--internal-ips')
-  assert launch.calls() == [['gcloud', 'alpha', 'compute', 'tpus', 'queued-resources', 'create', 'pod', *LOC,
-                             '--node-id=pod', '--accelerator-type=v5p-16', '--runtime-version=my-runtime',
-                             '--best-effort', '--network=my net', '--internal-ips']]
+  launch.run(
+    'tpu.sh',
+    'create',
+    *NODE,
+    '--accelerator-type',
+    'v5p-16',
+    '--best-effort',
+    '--runtime-version',
+    'my-runtime',
+    '--',
+    '--network=my net',
+    '--internal-ips',
+  )
+  assert launch.calls() == [
+    [
+      'gcloud',
+      'alpha',
+      'compute',
+      'tpus',
+      'queued-resources',
+      'create',
+      'pod',
+      *LOC,
+      '--node-id=pod',
+      '--accelerator-type=v5p-16',
+      '--runtime-version=my-runtime',
+      '--best-effort',
+      '--network=my net',
+      '--internal-ips',
+    ]
+  ]
 
 
 def test_setup_ships_this_checkout_to_all_workers(launch):
   launch.run('tpu.sh', 'setup', *NODE)
   tarball = str(launch.tmp / 'lpl-jax-pod.tar.gz')
   assert launch.calls() == [
-      ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', tarball, 'pod:lpl-jax.tar.gz', *LOC, '--worker=all'],
-      [*SSH, '--worker=all', '--command',
-       'mkdir -p lpl-jax && find lpl-jax -mindepth 1 -maxdepth 1 ! -name .venv ! -name logs -exec rm -rf {} + && '
-       'tar -xzf lpl-jax.tar.gz -C lpl-jax && rm -f lpl-jax.tar.gz && '
-       'cd lpl-jax && bash launch/worker.sh setup --extra tpu']]
+    ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', tarball, 'pod:lpl-jax.tar.gz', *LOC, '--worker=all'],
+    [
+      *SSH,
+      '--worker=all',
+      '--command',
+      'mkdir -p lpl-jax && find lpl-jax -mindepth 1 -maxdepth 1 ! -name .venv ! -name logs -exec rm -rf {} + && '
+      'tar -xzf lpl-jax.tar.gz -C lpl-jax && rm -f lpl-jax.tar.gz && '
+      'cd lpl-jax && bash launch/worker.sh setup --extra tpu',
+    ],
+  ]
   assert not os.path.exists(tarball)  # removed once sent
   with tarfile.open(launch.tmp / 'shipped.tar.gz') as tar:
     names = set(tar.getnames())
@@ -60,22 +117,53 @@ def test_setup_ships_this_checkout_to_all_workers(launch):
 
 
 def test_setup_from_git_url_and_ref(launch):
-  launch.run('tpu.sh', 'setup', *NODE, '--repo-url', 'https://example.org/lpl-jax.git', '--ref', 'v0.1',
-             '--remote-dir', 'code/lpl jax')
-  assert launch.calls() == [[
-      *SSH, '--worker=all', '--command',
+  launch.run(
+    'tpu.sh',
+    'setup',
+    *NODE,
+    '--repo-url',
+    'https://example.org/lpl-jax.git',
+    '--ref',
+    'v0.1',
+    '--remote-dir',
+    'code/lpl jax',
+  )
+  assert launch.calls() == [
+    [
+      *SSH,
+      '--worker=all',
+      '--command',
       "{ [ -d 'code/lpl jax/.git' ] || git clone --quiet https://example.org/lpl-jax.git 'code/lpl jax'; } && "
       "git -C 'code/lpl jax' fetch --quiet origin v0.1 && git -C 'code/lpl jax' checkout --quiet --detach "
-      "FETCH_HEAD && cd 'code/lpl jax' && bash launch/worker.sh setup --extra tpu"]]
+      "FETCH_HEAD && cd 'code/lpl jax' && bash launch/worker.sh setup --extra tpu",
+    ]
+  ]
 
 
 def test_train_runs_the_same_command_on_every_worker(launch):
-  launch.run('tpu.sh', 'train', *NODE, '--config', 'configs/imagenet.py:post256,lpl', '--workdir', WORKDIR,
-             '--env', 'MY_FLAG=a b', '--', *OVERRIDES)
+  launch.run(
+    'tpu.sh',
+    'train',
+    *NODE,
+    '--config',
+    'configs/imagenet.py:post256,lpl',
+    '--workdir',
+    WORKDIR,
+    '--env',
+    'MY_FLAG=a b',
+    '--',
+    *OVERRIDES,
+  )
   [call] = launch.calls()
   assert call[:-2] == [*SSH, '--worker=all'] and call[-2] == '--command'
-  expected = ['-m', 'lpl_jax.main', '--multihost', '--config=configs/imagenet.py:post256,lpl',
-              f'--workdir={WORKDIR}', *OVERRIDES]
+  expected = [
+    '-m',
+    'lpl_jax.main',
+    '--multihost',
+    '--config=configs/imagenet.py:post256,lpl',
+    f'--workdir={WORKDIR}',
+    *OVERRIDES,
+  ]
   for w in (0, 1):  # what each worker's login shell does with the --command
     worker = launch.worker(w)
     result = worker.sh(call[-1])
@@ -114,8 +202,9 @@ def test_logs_of_worker_0_or_a_given_worker(launch):
   launch.run('tpu.sh', 'logs', *NODE)
   launch.run('tpu.sh', 'logs', *NODE, '--worker', '3', '--lines', '20', '--no-follow')
   assert launch.calls() == [
-      [*SSH, '--worker=0', '--command', 'cd lpl-jax && bash launch/worker.sh logs --lines 100 --follow'],
-      [*SSH, '--worker=3', '--command', 'cd lpl-jax && bash launch/worker.sh logs --lines 20']]
+    [*SSH, '--worker=0', '--command', 'cd lpl-jax && bash launch/worker.sh logs --lines 100 --follow'],
+    [*SSH, '--worker=3', '--command', 'cd lpl-jax && bash launch/worker.sh logs --lines 20'],
+  ]
   worker = launch.worker(3)
   (worker.repo / 'logs').mkdir()
   (worker.repo / 'logs' / 'train-w3.log').write_text(''.join(f'line {i}\n' for i in range(50)))
@@ -134,23 +223,29 @@ def test_status_asks_the_workers_only_when_the_node_is_ready(launch):
   launch.log.unlink()
   out = launch.run('tpu.sh', 'status', *NODE, '--queued', FAKE_QR_STATE='WAITING_FOR_RESOURCES').stdout
   assert 'queued resource pod: WAITING_FOR_RESOURCES' in out
-  assert launch.calls() == [['gcloud', 'compute', 'tpus', 'queued-resources', 'describe', 'pod', *LOC,
-                             '--format=value(state.state)']]
+  assert launch.calls() == [
+    ['gcloud', 'compute', 'tpus', 'queued-resources', 'describe', 'pod', *LOC, '--format=value(state.state)']
+  ]
 
 
 def test_delete(launch):
   launch.run('tpu.sh', 'delete', *NODE)
   launch.run('tpu.sh', 'delete', *NODE, '--queued')
-  assert launch.calls() == [['gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', 'pod', *LOC, '--quiet'],
-                            ['gcloud', 'compute', 'tpus', 'queued-resources', 'delete', 'pod', *LOC, '--force',
-                             '--quiet']]
+  assert launch.calls() == [
+    ['gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', 'pod', *LOC, '--quiet'],
+    ['gcloud', 'compute', 'tpus', 'queued-resources', 'delete', 'pod', *LOC, '--force', '--quiet'],
+  ]
 
 
 def test_data_rsyncs_to_each_workers_disk(launch):
   launch.run('tpu.sh', 'data', *NODE, '--src', 'gs://b/latents/imagenet 256', '--dest', '/mnt/disks/data/in256')
   [call] = launch.calls()
-  assert call == [*SSH, '--worker=all', '--command', "cd lpl-jax && bash launch/worker.sh data --src "
-                  "'gs://b/latents/imagenet 256' --dest /mnt/disks/data/in256"]
+  assert call == [
+    *SSH,
+    '--worker=all',
+    '--command',
+    "cd lpl-jax && bash launch/worker.sh data --src 'gs://b/latents/imagenet 256' --dest /mnt/disks/data/in256",
+  ]
   launch.log.unlink()
   worker = launch.worker(0)
   dest = worker.home / 'data dir'
@@ -161,17 +256,17 @@ def test_data_rsyncs_to_each_workers_disk(launch):
 
 
 COMMANDS = {
-    'create': ['--accelerator-type', 'v4-8', '--spot'],
-    'create --queued': ['--accelerator-type', 'v6e-8', '--queued', '--spot'],
-    'setup': [],
-    'setup --repo-url': ['--repo-url', 'https://example.org/x.git'],
-    'data': ['--src', 'gs://b/c', '--dest', '/tmp/c'],
-    'train': ['--config', 'configs/imagenet.py:post256,lpl', '--workdir', WORKDIR, '--', *OVERRIDES],
-    'logs': ['--worker', '1'],
-    'status': [],
-    'status --queued': ['--queued'],
-    'stop': [],
-    'delete': [],
+  'create': ['--accelerator-type', 'v4-8', '--spot'],
+  'create --queued': ['--accelerator-type', 'v6e-8', '--queued', '--spot'],
+  'setup': [],
+  'setup --repo-url': ['--repo-url', 'https://example.org/x.git'],
+  'data': ['--src', 'gs://b/c', '--dest', '/tmp/c'],
+  'train': ['--config', 'configs/imagenet.py:post256,lpl', '--workdir', WORKDIR, '--', *OVERRIDES],
+  'logs': ['--worker', '1'],
+  'status': [],
+  'status --queued': ['--queued'],
+  'stop': [],
+  'delete': [],
 }
 
 
@@ -185,7 +280,9 @@ def test_dry_run_prints_exactly_the_commands_and_runs_nothing(launch, name):
   assert printed == launch.calls() and printed
 
 
-@pytest.mark.parametrize('args, flag', [
+@pytest.mark.parametrize(
+  'args, flag',
+  [
     (['create', '--zone', 'z', '--accelerator-type', 'v4-8'], '--name'),
     (['create', '--name', 'n', '--accelerator-type', 'v4-8'], '--zone'),
     (['create', '--name', 'n', '--zone', 'z'], '--accelerator-type'),
@@ -194,7 +291,8 @@ def test_dry_run_prints_exactly_the_commands_and_runs_nothing(launch, name):
     (['data', '--name', 'n', '--zone', 'z', '--dest', '/d'], '--src'),
     (['data', '--name', 'n', '--zone', 'z', '--src', 'gs://b'], '--dest'),
     (['train', '--name', 'n', '--zone', 'z', '--config'], '--config'),  # a flag without its value
-])
+  ],
+)
 def test_missing_argument_is_named(launch, args, flag):
   result = launch.run('tpu.sh', *args, check=False)
   assert result.returncode != 0
@@ -202,7 +300,9 @@ def test_missing_argument_is_named(launch, args, flag):
   assert launch.calls() == []
 
 
-@pytest.mark.parametrize('args, message', [
+@pytest.mark.parametrize(
+  'args, message',
+  [
     (['train', *NODE, '--spot'], "'train' has no option --spot"),
     (['reboot', *NODE], "unknown command 'reboot'"),
     (['create', *NODE, '--accelerator-type', 'v4-8', '--spot', '--best-effort'], 'exclude each other'),
@@ -210,7 +310,8 @@ def test_missing_argument_is_named(launch, args, flag):
     (['create', *NODE, '--accelerator-type', 'v9-8'], '--runtime-version'),
     (['logs', *NODE, '--', 'x'], 'no arguments after --'),
     (['train', *NODE, 'configs/x.py'], "unexpected argument 'configs/x.py'"),
-])
+  ],
+)
 def test_bad_usage_fails_before_calling_gcloud(launch, args, message):
   result = launch.run('tpu.sh', *args, check=False)
   assert result.returncode != 0 and message in result.stderr
@@ -239,8 +340,9 @@ def test_setup_ships_uncommitted_edits_but_not_untracked_files(launch, tmp_path)
     subprocess.run([*git, *args], check=True, env=env)
   (repo / 'setup.py').write_text('edited\n')
   (repo / 'scratch.txt').write_text('untracked\n')
-  result = subprocess.run(['bash', str(repo / 'launch' / 'tpu.sh'), 'setup', *NODE], capture_output=True,
-                          text=True, env=env)
+  result = subprocess.run(
+    ['bash', str(repo / 'launch' / 'tpu.sh'), 'setup', *NODE], capture_output=True, text=True, env=env
+  )
   assert result.returncode == 0, result.stderr
   with tarfile.open(launch.tmp / 'shipped.tar.gz') as tar:
     assert tar.extractfile('setup.py').read() == b'edited\n'

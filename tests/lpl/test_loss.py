@@ -57,8 +57,9 @@ def test_reference_preset_matches_pytorch(diffusers_folder, norm):
   expected = torch_lpl.reference_lpl(vae, zh, nchw(z0), norm=norm)
   assert rel(loss, expected.detach()) <= 1e-5
   expected.sum().backward()
-  grad = jax.jit(jax.grad(lambda zh: jnp.sum(lpl.lpl_loss(lpl.make_features_fn(model, params, cfg), zh, z0,
-                                                          cfg)[0])))(z0_hat)
+  grad = jax.jit(jax.grad(lambda zh: jnp.sum(lpl.lpl_loss(lpl.make_features_fn(model, params, cfg), zh, z0, cfg)[0])))(
+    z0_hat
+  )
   assert rel(np.transpose(grad, (0, 3, 1, 2)), zh.grad) <= 1e-4
 
 
@@ -119,8 +120,9 @@ def test_no_gradient_is_computed_for_decoder_params(tiny):
   z0_hat, z0 = latents(3)
   fwd = jax.make_jaxpr(lambda zh: model.apply({'params': params}, zh, 4, method=model.decoder_features))(z0_hat)
   per_branch = _count_convs(fwd.jaxpr)
-  grad = jax.make_jaxpr(jax.grad(lambda zh: jnp.sum(lpl.lpl_loss(lpl.make_features_fn(model, params, cfg), zh, z0,
-                                                                 cfg)[0])))(z0_hat)
+  grad = jax.make_jaxpr(
+    jax.grad(lambda zh: jnp.sum(lpl.lpl_loss(lpl.make_features_fn(model, params, cfg), zh, z0, cfg)[0]))
+  )(z0_hat)
   assert _count_convs(grad.jaxpr) == 3 * per_branch
   # And taking the gradient w.r.t. the autoencoder params gives exact zeros (stop_gradient).
   g = jax.grad(lambda p: jnp.sum(lpl.lpl_loss(lpl.make_features_fn(model, p, cfg), z0_hat, z0, cfg)[0]))(params)
@@ -139,8 +141,15 @@ def test_gradient_matches_float64_finite_differences(tiny):
     for preset in ('paper', 'reference'):
       cfg = lpl.LPLConfig.from_preset(preset)
       fn = lpl.make_features_fn(model64, params64, cfg)
-      check_grads(lambda zh, cfg=cfg, fn=fn: lpl.lpl_loss(fn, zh, z0, cfg)[0], (z0_hat,), order=1, modes=['rev'],
-                  eps=1e-4, atol=1e-6, rtol=1e-4)
+      check_grads(
+        lambda zh, cfg=cfg, fn=fn: lpl.lpl_loss(fn, zh, z0, cfg)[0],
+        (z0_hat,),
+        order=1,
+        modes=['rev'],
+        eps=1e-4,
+        atol=1e-6,
+        rtol=1e-4,
+      )
 
 
 def test_only_the_deepest_used_block_runs(tiny):
@@ -232,8 +241,11 @@ def test_image_space_variant(tiny):
 def test_gates():
   from diffusers import DDPMScheduler
 
-  alphas_cumprod = DDPMScheduler(beta_schedule='scaled_linear', beta_start=0.00085,
-                                 beta_end=0.012).alphas_cumprod.numpy().astype(np.float64)
+  alphas_cumprod = (
+    DDPMScheduler(beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012)
+    .alphas_cumprod.numpy()
+    .astype(np.float64)
+  )
   alpha, sigma = np.sqrt(alphas_cumprod), np.sqrt(1 - alphas_cumprod)
   kept = lpl.noise_level_gate(jnp.asarray(alpha), jnp.asarray(sigma), tau=5.0, resolution=256)
   np.testing.assert_array_equal(kept, (sigma / alpha <= 5.0).astype(np.float32))

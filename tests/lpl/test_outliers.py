@@ -53,8 +53,9 @@ def reference_mask(feat_nhwc, **kwargs):
 
 
 def jax_mask(feat_nhwc, *, quant, down_f, margin_std=2.0, opening=5, closing=3):
-  mask = mask_fn(jnp.asarray(feat_nhwc), quant=quant, down_factor=down_f, opening=opening, closing=closing,
-                 margin_std=margin_std)
+  mask = mask_fn(
+    jnp.asarray(feat_nhwc), quant=quant, down_factor=down_f, opening=opening, closing=closing, margin_std=margin_std
+  )
   assert mask.dtype == jnp.bool_
   return np.asarray(mask)
 
@@ -80,7 +81,7 @@ def with_planted_outliers(rng, b, h, w, c, sizes=(1, 2, 3, 5, 8)):
           r = rng.choice([0, h - s])
           q = rng.choice([q, 0, w - s])
         sign = rng.choice([-1.0, 1.0])
-        x[i, r:r + s, q:q + s, j] = offset[j] + sign * rng.uniform(50.0, 1000.0) * scale[j]
+        x[i, r : r + s, q : q + s, j] = offset[j] + sign * rng.uniform(50.0, 1000.0) * scale[j]
   return x
 
 
@@ -90,8 +91,10 @@ PARITY_SHAPES = [(3, 32, 32, 3), (2, 48, 48, 4), (2, 24, 40, 3)]
 
 
 # Every down factor, quantile and margin; the three shapes take turns (one compilation per case keeps this fast).
-PARITY_CASES = [(down_f, quant, margin_std, PARITY_SHAPES[i % 3]) for i, (down_f, quant, margin_std) in enumerate(
-    itertools.product([1, 2, 4], [0.02, 0.05], [2.0, 0.5, 0.0]))]
+PARITY_CASES = [
+  (down_f, quant, margin_std, PARITY_SHAPES[i % 3])
+  for i, (down_f, quant, margin_std) in enumerate(itertools.product([1, 2, 4], [0.02, 0.05], [2.0, 0.5, 0.0]))
+]
 
 
 @pytest.mark.parametrize('down_f, quant, margin_std, shape', PARITY_CASES)
@@ -215,14 +218,14 @@ def spike_map(positions, size, h=32, w=32, c=3, seed=0):
   """Unit Gaussian `[1, H, W, C]` maps with `size`x`size` patches of 100 (100 std) at `positions` in channel 1."""
   x = np.random.default_rng(seed).standard_normal((1, h, w, c)).astype(np.float32)
   for r, q in positions:
-    x[0, r:r + size, q:q + size, 1] = 100.0
+    x[0, r : r + size, q : q + size, 1] = 100.0
   return x
 
 
 def grown_rect(h, w, r, q, size, by):
   """bool `[H, W]`: the patch at (r, q) grown by `by` on every side, clipped to the map."""
   out = np.zeros((h, w), bool)
-  out[max(r - by, 0):r + size + by, max(q - by, 0):q + size + by] = True
+  out[max(r - by, 0) : r + size + by, max(q - by, 0) : q + size + by] = True
   return out
 
 
@@ -355,7 +358,8 @@ def test_constant_channel_does_not_depend_on_its_value():
   """The std is taken of the data shifted by its first value, so it is exactly 0 for any constant map and the
   channel is always entirely masked. (A plain float32 std of 3.14159 * ones is ~1e-6 of rounding noise, which kept
   the whole channel; PyTorch's std has the same flaw for some constants, e.g. 1000.1.)"""
-  masks = [jax_mask(np.full((1, 16, 16, 1), value, np.float32), quant=0.02, down_f=1)
-           for value in (1.0, 3.14159, 1000.1, -7.3)]
+  masks = [
+    jax_mask(np.full((1, 16, 16, 1), value, np.float32), quant=0.02, down_f=1) for value in (1.0, 3.14159, 1000.1, -7.3)
+  ]
   for mask in masks:
     assert not mask.any()

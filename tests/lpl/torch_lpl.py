@@ -42,8 +42,18 @@ def decoder_taps(vae, z, num_blocks, apply_post_quant_conv=False):
   return feats
 
 
-def reference_lpl(vae, z0_hat, z0, *, num_blocks=4, norm='shared', power_law=True, remove_outliers_on=True,
-                  outlier_layers=(2, 3, 4), apply_post_quant_conv=False):
+def reference_lpl(
+  vae,
+  z0_hat,
+  z0,
+  *,
+  num_blocks=4,
+  norm='shared',
+  power_law=True,
+  remove_outliers_on=True,
+  outlier_layers=(2, 3, 4),
+  apply_post_quant_conv=False,
+):
   """Per-sample LPL [B] of the reference preset, on latents in diffusion (scaled) space."""
   sf = vae.config.scaling_factor
   shift = vae.config.get('shift_factor') or 0.0
@@ -59,11 +69,11 @@ def reference_lpl(vae, z0_hat, z0, *, num_blocks=4, norm='shared', power_law=Tru
     else:
       mask = torch.ones_like(t)
     if norm == 'shared':
-      n = torch.sqrt(torch.sum(t ** 2, dim=1, keepdim=True)) + 1e-6
+      n = torch.sqrt(torch.sum(t**2, dim=1, keepdim=True)) + 1e-6
       p, t = p / n, t / n
     elif norm == 'default':
-      p = p / (torch.sqrt(torch.sum(p ** 2, dim=1, keepdim=True)) + 1e-10)
-      t = t / (torch.sqrt(torch.sum(t ** 2, dim=1, keepdim=True)) + 1e-10)
+      p = p / (torch.sqrt(torch.sum(p**2, dim=1, keepdim=True)) + 1e-10)
+      t = t / (torch.sqrt(torch.sum(t**2, dim=1, keepdim=True)) + 1e-10)
     err = (p - t) ** 2 * mask
     layer = (err.sum(dim=(2, 3)) / mask.sum(dim=(2, 3))).mean(dim=1)
     if power_law:

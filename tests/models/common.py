@@ -16,8 +16,11 @@ def perturb(params, seed: int, scale: float = 0.1):
 def inputs(b: int = 2, h: int = 8, w: int = 8, c: int = 4, seed: int = 0, num_classes: int = 10):
   """`(x [B, H, W, C], t [B] in [0, 1000), y [B] in 0..num_classes)`, the null class included."""
   rng = np.random.default_rng(seed)
-  return (rng.standard_normal((b, h, w, c)).astype(np.float32), rng.uniform(0, 1000, b).astype(np.float32),
-          rng.integers(0, num_classes + 1, b).astype(np.int32))
+  return (
+    rng.standard_normal((b, h, w, c)).astype(np.float32),
+    rng.uniform(0, 1000, b).astype(np.float32),
+    rng.integers(0, num_classes + 1, b).astype(np.int32),
+  )
 
 
 def count(tree) -> int:

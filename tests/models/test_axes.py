@@ -35,9 +35,9 @@ def configurations(tiny: bool):
   else:
     dit, mm = models.DiT_XL_2(), models.MMDiT_paper
   return {
-      'dit': (dit, x, t, dict(y=y)),
-      'mmdit_class': (mm(num_class_tokens=2), x, t, dict(y=y)),
-      'mmdit_text': (mm(**text), x, t, dict(context=ctx, pooled=pooled)),
+    'dit': (dit, x, t, dict(y=y)),
+    'mmdit_class': (mm(num_class_tokens=2), x, t, dict(y=y)),
+    'mmdit_text': (mm(**text), x, t, dict(context=ctx, pooled=pooled)),
   }
 
 
@@ -80,8 +80,9 @@ def test_params_initialise_directly_in_their_sharded_layout():
   init = lambda k: model.init(k, x, t, **cond)
   apply = lambda p: model.apply(p, x, t, **cond)
   with jax.set_mesh(mesh), nn.logical_axis_rules(axes.fsdp_rules()):
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(jax.eval_shape(init, jax.random.key(0))), mesh,
-                                            axes.fsdp_rules())
+    shardings = nn.logical_to_mesh_sharding(
+      nn.get_partition_spec(jax.eval_shape(init, jax.random.key(0))), mesh, axes.fsdp_rules()
+    )
     params = fast_jit(init, out_shardings=shardings)(jax.random.key(0))
     assert 'sharding_constraint' in str(jax.make_jaxpr(apply)(params))
     constrained = fast_jit(apply)(params)

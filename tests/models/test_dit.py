@@ -72,8 +72,16 @@ def test_dit_xl2_parameter_count_matches_diffusers_and_paper():
   x, t, y = inputs(1, 32, 32)
   ours = count(jax.eval_shape(models.DiT_XL_2().init, jax.random.key(0), x, t, y))
   with torch.device('meta'):
-    ref = DiTTransformer2DModel(num_layers=28, attention_head_dim=72, num_attention_heads=16, in_channels=4,
-                                out_channels=4, patch_size=2, sample_size=32, num_embeds_ada_norm=1000)
+    ref = DiTTransformer2DModel(
+      num_layers=28,
+      attention_head_dim=72,
+      num_attention_heads=16,
+      in_channels=4,
+      out_channels=4,
+      patch_size=2,
+      sample_size=32,
+      num_embeds_ada_norm=1000,
+    )
   ref_total = sum(p.numel() for p in ref.parameters())
   # diffusers gives each of the 28 blocks its own copy of the timestep MLP and label table (the converted DiT
   # weights are the same in each); DiT has one.
@@ -90,8 +98,16 @@ def test_matches_diffusers_dit_outputs():
   from diffusers import DiTTransformer2DModel
 
   torch.manual_seed(0)
-  ref = DiTTransformer2DModel(num_layers=2, attention_head_dim=8, num_attention_heads=4, in_channels=4,
-                              out_channels=4, patch_size=2, sample_size=8, num_embeds_ada_norm=10).eval()
+  ref = DiTTransformer2DModel(
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    in_channels=4,
+    out_channels=4,
+    patch_size=2,
+    sample_size=8,
+    num_embeds_ada_norm=10,
+  ).eval()
   torch_ref.randomize_(ref, seed=5)
   emb0 = ref.transformer_blocks[0].norm1.emb
   for blk in ref.transformer_blocks:
@@ -102,8 +118,15 @@ def test_matches_diffusers_dit_outputs():
     blk.norm3.eps = 1e-6
   x, t, y = inputs(2, 8, 8, seed=4)
   with torch.no_grad():
-    want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), timestep=torch.from_numpy(t),
-               class_labels=torch.from_numpy(y).long()).sample.numpy().transpose(0, 2, 3, 1)
+    want = (
+      ref(
+        torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+        timestep=torch.from_numpy(t),
+        class_labels=torch.from_numpy(y).long(),
+      )
+      .sample.numpy()
+      .transpose(0, 2, 3, 1)
+    )
   model = models.DiT(**TINY)
   got = jitted_apply(model)(torch_ref.dit_params(ref, heads=4), x, t, y)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
@@ -153,13 +176,16 @@ def test_no_recompilation_across_new_values(tiny):
     apply(perturb(params, seed), *inputs(seed=seed))
 
 
-@pytest.mark.parametrize('shape, t_shape, y, match', [
+@pytest.mark.parametrize(
+  'shape, t_shape, y, match',
+  [
     ((2, 8, 8, 3), (2,), 'int', '3 channels, the model has in_channels=4'),
     ((2, 9, 8, 4), (2,), 'int', 'image size 9x8 is not divisible by the patch size 2'),
     ((2, 8, 8), (2,), 'int', r'x must be \[B, H, W, C\]'),
     ((2, 8, 8, 4), (3,), 'int', r't must be \[B\] = \[2\]'),
     ((2, 8, 8, 4), (2,), 'float', r'class labels y must be integers of shape \[B\] = \[2\]'),
-])
+  ],
+)
 def test_bad_inputs_raise_before_compiling(tiny, shape, t_shape, y, match):
   model, params = tiny
   labels = jnp.zeros((2,), jnp.int32 if y == 'int' else jnp.float32)

@@ -19,8 +19,10 @@ TEXT = dict(context_dim=12, pooled_dim=10)
 
 def text_inputs(b=2, length=5, seed=0):
   rng = np.random.default_rng(100 + seed)
-  return (rng.standard_normal((b, length, TEXT['context_dim'])).astype(np.float32),
-          rng.standard_normal((b, TEXT['pooled_dim'])).astype(np.float32))
+  return (
+    rng.standard_normal((b, length, TEXT['context_dim'])).astype(np.float32),
+    rng.standard_normal((b, TEXT['pooled_dim'])).astype(np.float32),
+  )
 
 
 @pytest.fixture(scope='module')
@@ -83,10 +85,20 @@ def sd3_reference(num_layers=2, qk_norm='rms_norm', device=None):
   from diffusers import SD3Transformer2DModel
 
   with torch.device(device or 'cpu'):
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=num_layers,
-                                 attention_head_dim=8, num_attention_heads=4, joint_attention_dim=12,
-                                 caption_projection_dim=32, pooled_projection_dim=10, out_channels=4,
-                                 pos_embed_max_size=None, qk_norm=qk_norm).eval()
+    return SD3Transformer2DModel(
+      sample_size=8,
+      patch_size=2,
+      in_channels=4,
+      num_layers=num_layers,
+      attention_head_dim=8,
+      num_attention_heads=4,
+      joint_attention_dim=12,
+      caption_projection_dim=32,
+      pooled_projection_dim=10,
+      out_channels=4,
+      pos_embed_max_size=None,
+      qk_norm=qk_norm,
+    ).eval()
 
 
 def test_matches_diffusers_sd3_outputs(text_model):
@@ -99,8 +111,12 @@ def test_matches_diffusers_sd3_outputs(text_model):
   x, t, _ = inputs(seed=4)
   ctx, pooled = text_inputs(seed=4)
   with torch.no_grad():
-    want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), encoder_hidden_states=torch.from_numpy(ctx),
-               pooled_projections=torch.from_numpy(pooled), timestep=torch.from_numpy(t)).sample
+    want = ref(
+      torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+      encoder_hidden_states=torch.from_numpy(ctx),
+      pooled_projections=torch.from_numpy(pooled),
+      timestep=torch.from_numpy(t),
+    ).sample
   want = want.numpy().transpose(0, 2, 3, 1)
   got = apply_text(model)(torch_ref.sd3_params(ref, heads=4), x, t, ctx, pooled)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
@@ -128,9 +144,18 @@ def test_paper_config_parameter_count():
   ctx, pooled = jnp.zeros((1, 77, 4096)), jnp.zeros((1, 2048))
   text_count = count(jax.eval_shape(lambda: text.init(jax.random.key(0), x, t, context=ctx, pooled=pooled)))
   with torch.device('meta'):
-    ref = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, num_layers=28, attention_head_dim=64,
-                                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                                pooled_projection_dim=2048, out_channels=4)
+    ref = SD3Transformer2DModel(
+      sample_size=32,
+      patch_size=2,
+      in_channels=4,
+      num_layers=28,
+      attention_head_dim=64,
+      num_attention_heads=24,
+      joint_attention_dim=4096,
+      caption_projection_dim=1536,
+      pooled_projection_dim=2048,
+      out_channels=4,
+    )
   assert text_count == sum(p.numel() for p in ref.parameters())
   print(f'MMDiT_paper: class-conditional {class_count:,}, text-conditional {text_count:,}')
   doc = ' '.join(mmdit.__doc__.split())
@@ -166,8 +191,9 @@ def test_qk_norm_makes_attention_invariant_to_query_key_scale(text_model):
   x, t, _ = inputs(seed=6)
   ctx, pooled = text_inputs(seed=6)
   apply = apply_text(model)
-  np.testing.assert_allclose(apply(scale_qk(params), x, t, ctx, pooled), apply(params, x, t, ctx, pooled),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    apply(scale_qk(params), x, t, ctx, pooled), apply(params, x, t, ctx, pooled), rtol=1e-4, atol=1e-5
+  )
   plain = models.MMDiT(**TINY, **TEXT)
   no_norm = jax.tree.map(lambda a: a, params)
   for i in range(TINY['depth']):
@@ -181,17 +207,23 @@ def test_qk_norm_makes_attention_invariant_to_query_key_scale(text_model):
 TEXT_KW = dict(zip(('context', 'pooled'), text_inputs()))
 
 
-@pytest.mark.parametrize('text, kwargs, match', [
+@pytest.mark.parametrize(
+  'text, kwargs, match',
+  [
     (False, dict(), r'class-conditional \(context_dim=None\): pass class labels y'),
     (False, dict(y=np.zeros(2, np.int32)) | TEXT_KW, 'takes labels y .* it was given context/pooled'),
     (False, dict(y=np.zeros(2, np.float32)), r'class labels y must be integers of shape \[B\] = \[2\]'),
     (True, dict(y=np.zeros(2, np.int32)) | TEXT_KW, r'text-conditional \(context_dim=12\) .* not class labels y'),
     (True, dict(pooled=TEXT_KW['pooled']), r'text-conditional: pass context \[B, L, 12\]'),
     (True, dict(context=TEXT_KW['context']), r'pooled_dim\] = \[2, 10\], got none'),
-    (True, dict(context=np.zeros((2, 5, 7), np.float32), pooled=TEXT_KW['pooled']),
-     r'context must be \[B, L, context_dim\] = \[2, L, 12\], got \(2, 5, 7\)'),
+    (
+      True,
+      dict(context=np.zeros((2, 5, 7), np.float32), pooled=TEXT_KW['pooled']),
+      r'context must be \[B, L, context_dim\] = \[2, L, 12\], got \(2, 5, 7\)',
+    ),
     (True, dict(context=TEXT_KW['context'], pooled=np.zeros((2, 3), np.float32)), r'got \(2, 3\)'),
-])
+  ],
+)
 def test_wrong_conditioning_raises(text, kwargs, match):
   model = models.MMDiT(**TINY, **(TEXT if text else {}))
   x, t, _ = inputs()

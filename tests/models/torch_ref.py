@@ -60,16 +60,19 @@ def dit_params(model, heads: int) -> dict:
   blocks = model.transformer_blocks
   emb = blocks[0].norm1.emb
   params = {
-      'x_embedder': _patch_embed(model.pos_embed.proj),
-      't_embedder': {'fc1': _linear(emb.timestep_embedder.linear_1), 'fc2': _linear(emb.timestep_embedder.linear_2)},
-      'y_embedder': {'embedding': _np(emb.class_embedder.embedding_table.weight)},
-      'final_layer': {'adaLN_modulation': {'linear': _linear(model.proj_out_1)}, 'linear': _linear(model.proj_out_2)},
+    'x_embedder': _patch_embed(model.pos_embed.proj),
+    't_embedder': {'fc1': _linear(emb.timestep_embedder.linear_1), 'fc2': _linear(emb.timestep_embedder.linear_2)},
+    'y_embedder': {'embedding': _np(emb.class_embedder.embedding_table.weight)},
+    'final_layer': {'adaLN_modulation': {'linear': _linear(model.proj_out_1)}, 'linear': _linear(model.proj_out_2)},
   }
   for i, blk in enumerate(blocks):
     a = blk.attn1
     params[f'blocks_{i}'] = {
-        'adaLN_modulation': {'linear': _linear(blk.norm1.linear)},
-        'qkv': _qkv(a.to_q, a.to_k, a.to_v, heads), 'proj': _out(a.to_out[0], heads), 'mlp': _ff(blk.ff)}
+      'adaLN_modulation': {'linear': _linear(blk.norm1.linear)},
+      'qkv': _qkv(a.to_q, a.to_k, a.to_v, heads),
+      'proj': _out(a.to_out[0], heads),
+      'mlp': _ff(blk.ff),
+    }
   return params
 
 
@@ -77,22 +80,32 @@ def sd3_params(model, heads: int) -> dict:
   """Our text-conditional MMDiT params from a diffusers `SD3Transformer2DModel` (with `qk_norm='rms_norm'`)."""
   tte = model.time_text_embed
   params = {
-      'x_embedder': _patch_embed(model.pos_embed.proj),
-      't_embedder': {'fc1': _linear(tte.timestep_embedder.linear_1), 'fc2': _linear(tte.timestep_embedder.linear_2)},
-      'pooled_embedder_fc1': _linear(tte.text_embedder.linear_1),
-      'pooled_embedder_fc2': _linear(tte.text_embedder.linear_2),
-      'context_embedder': _linear(model.context_embedder),
-      'final_layer': {'adaLN_modulation': {'linear': _linear(model.norm_out.linear, swap_halves=True)},
-                      'linear': _linear(model.proj_out)},
+    'x_embedder': _patch_embed(model.pos_embed.proj),
+    't_embedder': {'fc1': _linear(tte.timestep_embedder.linear_1), 'fc2': _linear(tte.timestep_embedder.linear_2)},
+    'pooled_embedder_fc1': _linear(tte.text_embedder.linear_1),
+    'pooled_embedder_fc2': _linear(tte.text_embedder.linear_2),
+    'context_embedder': _linear(model.context_embedder),
+    'final_layer': {
+      'adaLN_modulation': {'linear': _linear(model.norm_out.linear, swap_halves=True)},
+      'linear': _linear(model.proj_out),
+    },
   }
   for i, blk in enumerate(model.transformer_blocks):
     a = blk.attn
-    image = {'adaLN_modulation': {'linear': _linear(blk.norm1.linear)}, 'qkv': _qkv(a.to_q, a.to_k, a.to_v, heads),
-             'q_norm': {'scale': _np(a.norm_q.weight)}, 'k_norm': {'scale': _np(a.norm_k.weight)},
-             'proj': _out(a.to_out[0], heads), 'mlp': _ff(blk.ff)}
-    context = {'adaLN_modulation': {'linear': _linear(blk.norm1_context.linear, swap_halves=blk.context_pre_only)},
-               'qkv': _qkv(a.add_q_proj, a.add_k_proj, a.add_v_proj, heads),
-               'q_norm': {'scale': _np(a.norm_added_q.weight)}, 'k_norm': {'scale': _np(a.norm_added_k.weight)}}
+    image = {
+      'adaLN_modulation': {'linear': _linear(blk.norm1.linear)},
+      'qkv': _qkv(a.to_q, a.to_k, a.to_v, heads),
+      'q_norm': {'scale': _np(a.norm_q.weight)},
+      'k_norm': {'scale': _np(a.norm_k.weight)},
+      'proj': _out(a.to_out[0], heads),
+      'mlp': _ff(blk.ff),
+    }
+    context = {
+      'adaLN_modulation': {'linear': _linear(blk.norm1_context.linear, swap_halves=blk.context_pre_only)},
+      'qkv': _qkv(a.add_q_proj, a.add_k_proj, a.add_v_proj, heads),
+      'q_norm': {'scale': _np(a.norm_added_q.weight)},
+      'k_norm': {'scale': _np(a.norm_added_k.weight)},
+    }
     if not blk.context_pre_only:
       context |= {'proj': _out(a.to_add_out, heads), 'mlp': _ff(blk.ff_context)}
     params[f'blocks_{i}'] = {'image': image, 'context': context}

@@ -8,8 +8,9 @@ from lpl_jax.train.config import Experiment
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join(ROOT, 'configs')
 # The experiment configs of lpl_jax.main (not the shared module, nor the autoencoder trainer's config).
-CONFIG_FILES = sorted(f for f in os.listdir(CONFIG_DIR)
-                      if f.endswith('.py') and f not in ('__init__.py', 'common.py', 'autoencoder.py'))
+CONFIG_FILES = sorted(
+  f for f in os.listdir(CONFIG_DIR) if f.endswith('.py') and f not in ('__init__.py', 'common.py', 'autoencoder.py')
+)
 
 
 def load(name):

@@ -19,8 +19,9 @@ def _state(seed):
 
 
 def _same(a, b):
-  for x, y in zip(jax.tree.leaves(jax.random.key_data(a.rng)), jax.tree.leaves(jax.random.key_data(b.rng)),
-                  strict=True):
+  for x, y in zip(
+    jax.tree.leaves(jax.random.key_data(a.rng)), jax.tree.leaves(jax.random.key_data(b.rng)), strict=True
+  ):
     np.testing.assert_array_equal(x, y)
   for x, y in zip(jax.tree.leaves(a.replace(rng=0)), jax.tree.leaves(b.replace(rng=0)), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

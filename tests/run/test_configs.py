@@ -45,7 +45,9 @@ def _demo(**overrides):
   return common.experiment('demo_cpu.py', 'post,lpl', **overrides)
 
 
-@pytest.mark.parametrize('field,value,message', [
+@pytest.mark.parametrize(
+  'field,value,message',
+  [
     ('data.resolution', 36, "data.resolution=36 is not a multiple of the autoencoder's downsampling factor 8"),
     ('model.patch_size', 3, 'do not split into model.patch_size=3 patches'),
     ('data.global_batch', 12, 'data.global_batch=12 does not split over 8 devices'),
@@ -63,7 +65,8 @@ def _demo(**overrides):
     ('mesh.fsdp', 3, 'mesh: mesh fsdp=3 does not divide the 8 devices'),
     ('diffusion.timesteps', 'cosine', "diffusion: unknown timestep sampler 'cosine'"),
     ('lpl.preset', 'papers', "lpl: unknown LPL preset 'papers'"),
-])
+  ],
+)
 def test_inconsistent_config_is_named(field, value, message):
   with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')):
     validate(_demo(**{field: value}), num_devices=8, check_files=False)

@@ -24,14 +24,29 @@ DEMO = os.path.join(common.CONFIG_DIR, 'demo_cpu.py')
 def env(tmp_path_factory):
   """Subprocesses share a persistent compilation cache: each config compiles once."""
   cache = tmp_path_factory.mktemp('jax_cache')
-  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=common.ROOT, JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=common.ROOT,
+    JAX_COMPILATION_CACHE_DIR=str(cache),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
 
 
 def _cmd(variant, workdir, *overrides):
-  return [sys.executable, '-m', 'lpl_jax.main', f'--config={DEMO}:{variant}', f'--workdir={workdir}',
-          '--config.log_every=1', '--config.progress=False', '--config.num_sample_images=4', '--config.sample.steps=2',
-          *overrides]
+  return [
+    sys.executable,
+    '-m',
+    'lpl_jax.main',
+    f'--config={DEMO}:{variant}',
+    f'--workdir={workdir}',
+    '--config.log_every=1',
+    '--config.progress=False',
+    '--config.num_sample_images=4',
+    '--config.sample.steps=2',
+    *overrides,
+  ]
 
 
 def _run(env, *args, check=True):
@@ -82,8 +97,13 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(env, pretrain
   _run(env, 'post,lpl', ref, init, *POST)
   kill_at = int(np.random.default_rng().integers(3, 7))
   killed = tmp_path / 'killed'
-  proc = subprocess.Popen(_cmd('post,lpl', killed, init, *POST), cwd=common.ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    _cmd('post,lpl', killed, init, *POST),
+    cwd=common.ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   _wait_for_step(proc, killed, kill_at)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -116,8 +136,14 @@ def test_post_training_starts_from_the_pretraining_checkpoint(pretrained):
 @pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_and_stops(env, tmp_path):
   workdir = tmp_path / 'preempted'
-  proc = subprocess.Popen(_cmd('pretrain', workdir, '--config.total_steps=100000', '--config.checkpoint_every=1000'),
-                          cwd=common.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    _cmd('pretrain', workdir, '--config.total_steps=100000', '--config.checkpoint_every=1000'),
+    cwd=common.ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   _wait_for_step(proc, workdir, 3)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=600)
@@ -138,8 +164,16 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_the_last_good_checkp
   with data_lib.LatentCacheWriter(cache, resolution=32, scaling_factor=1.0) as w:
     w.add(latents, np.arange(64, dtype=np.int32) % 8)
   workdir = tmp_path / 'nan'
-  proc = _run(env, 'pretrain', workdir, f'--config.data.source=cache:{cache}', '--config.data.shuffle=False',
-              '--config.total_steps=6', '--config.checkpoint_every=2', check=False)
+  proc = _run(
+    env,
+    'pretrain',
+    workdir,
+    f'--config.data.source=cache:{cache}',
+    '--config.data.shuffle=False',
+    '--config.total_steps=6',
+    '--config.checkpoint_every=2',
+    check=False,
+  )
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert 'step 3: loss/total = nan' in proc.stderr
   steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
@@ -147,11 +181,14 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_the_last_good_checkp
   assert all(np.all(np.isfinite(x)) for x in _leaves(workdir, 2))
 
 
-@pytest.mark.parametrize('override,message', [
+@pytest.mark.parametrize(
+  'override,message',
+  [
     ('--config.data.nope=1', "error: --config.data.nope: the config has no field 'nope'"),
-    ('--config.total_steps=abc', "error: flag --config.total_steps=abc: invalid literal for int() with base 10"),
+    ('--config.total_steps=abc', 'error: flag --config.total_steps=abc: invalid literal for int() with base 10'),
     ('--config.data.resolution=36', "error: data.resolution=36 is not a multiple of the autoencoder's downsampling"),
-])
+  ],
+)
 def test_bad_command_line_fails_before_compiling(env, tmp_path, override, message):
   start = time.time()
   proc = _run(env, 'pretrain', tmp_path / 'w', override, check=False)
@@ -164,8 +201,16 @@ def test_bad_command_line_fails_before_compiling(env, tmp_path, override, messag
 @pytest.mark.slow
 def test_sample_cli_writes_adm_layout(env, pretrained, tmp_path):
   out = tmp_path / 'samples'
-  cmd = [sys.executable, '-m', 'lpl_jax.sample', f'--workdir={pretrained}', '--num=5', '--batch_size=4', '--steps=3',
-         f'--out={out}']
+  cmd = [
+    sys.executable,
+    '-m',
+    'lpl_jax.sample',
+    f'--workdir={pretrained}',
+    '--num=5',
+    '--batch_size=4',
+    '--steps=3',
+    f'--out={out}',
+  ]
   proc = subprocess.run(cmd, cwd=common.ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '5 samples of step 4 (EMA params)' in proc.stdout
@@ -174,19 +219,28 @@ def test_sample_cli_writes_adm_layout(env, pretrained, tmp_path):
   assert images.shape == (5, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
   np.testing.assert_array_equal(labels, np.arange(5))
   assert os.path.getsize(out / 'grid.png') > 0
-  missing = subprocess.run(cmd[:3] + [f'--workdir={tmp_path / "nothing"}'], cwd=common.ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
+  missing = subprocess.run(
+    cmd[:3] + [f'--workdir={tmp_path / "nothing"}'],
+    cwd=common.ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert missing.returncode != 0 and 'config.json does not exist' in missing.stderr
 
 
 def test_library_modules_define_no_command_line_flags(env):
   """Only the entry points define absl flags, each in its own process: every module of every subpackage imports
   together without defining one (a library module that did would clash with them, `DuplicateFlagError`)."""
-  code = ('import pkgutil, importlib, lpl_jax\nfrom absl import flags\n'
-          'for m in pkgutil.walk_packages(lpl_jax.__path__, "lpl_jax."):\n'
-          '  if m.ispkg or m.name.count(".") > 1: importlib.import_module(m.name)\n'
-          'print(sorted(n for n in ("workdir", "config", "num", "steps", "seed") if n in flags.FLAGS))')
-  proc = subprocess.run([sys.executable, '-c', code], cwd=common.ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+  code = (
+    'import pkgutil, importlib, lpl_jax\nfrom absl import flags\n'
+    'for m in pkgutil.walk_packages(lpl_jax.__path__, "lpl_jax."):\n'
+    '  if m.ispkg or m.name.count(".") > 1: importlib.import_module(m.name)\n'
+    'print(sorted(n for n in ("workdir", "config", "num", "steps", "seed") if n in flags.FLAGS))'
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', code], cwd=common.ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == '[]'

@@ -10,10 +10,12 @@ from lpl_jax.models.dit import DiT
 BATCH, SIDE, CLASSES = 16, 4, 10
 
 
-def setup(*, weight=3.0, start_step=0, lpl_on=True, chunk=0, groups=0, lr=1e-3, accum=1, dtype=jnp.float32,
-          remat=False):
-  model = DiT(patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=CLASSES, in_channels=4, dtype=dtype,
-              remat=remat)
+def setup(
+  *, weight=3.0, start_step=0, lpl_on=True, chunk=0, groups=0, lr=1e-3, accum=1, dtype=jnp.float32, remat=False
+):
+  model = DiT(
+    patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=CLASSES, in_channels=4, dtype=dtype, remat=remat
+  )
   ae_model = ae.from_preset('tiny', dtype=dtype)
   ae_params = jax.jit(lambda k: ae.init_params(ae_model, k))(jax.random.key(9))
   form = diffusion.get_formulation('ddpm_eps')
@@ -22,9 +24,18 @@ def setup(*, weight=3.0, start_step=0, lpl_on=True, chunk=0, groups=0, lr=1e-3, 
   group = BATCH // (groups or 1)
   k = sampler.split(form, lpl.noise_level_threshold(lcfg, SIDE * 8), group) if lpl_on else 0
   optim = train.OptimConfig(lr=lr, ema_decay=0.9)
-  cfg = train.StepConfig(form, sampler, optim, lpl=lcfg, lpl_rows_per_group=k, lpl_groups=groups, lpl_start_step=start_step,
-                         lpl_chunk=chunk, null_class=CLASSES,
-                         accum_steps=accum)
+  cfg = train.StepConfig(
+    form,
+    sampler,
+    optim,
+    lpl=lcfg,
+    lpl_rows_per_group=k,
+    lpl_groups=groups,
+    lpl_start_step=start_step,
+    lpl_chunk=chunk,
+    null_class=CLASSES,
+    accum_steps=accum,
+  )
   return model, ae_model, ae_params, cfg
 
 
@@ -34,5 +45,7 @@ def init_params_fn(model):
 
 
 def batch(seed=1):
-  return {'latents': jax.random.normal(jax.random.key(seed), (BATCH, SIDE, SIDE, 4)),
-          'labels': jnp.arange(BATCH, dtype=jnp.int32) % CLASSES}
+  return {
+    'latents': jax.random.normal(jax.random.key(seed), (BATCH, SIDE, SIDE, 4)),
+    'labels': jnp.arange(BATCH, dtype=jnp.int32) % CLASSES,
+  }

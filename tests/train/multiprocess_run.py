@@ -22,14 +22,13 @@ def main(out, port=None, process_id=None):
   assert jax.device_count() == 4, jax.devices()
   mesh = train.make_mesh(4, 1)
   model, ae_model, _, cfg = common.setup(groups=4)
-  ae_params = train.replicate(jax.device_get(jax.jit(lambda k: ae.init_params(ae_model, k))(jax.random.key(9))),
-                              mesh)
+  ae_params = train.replicate(jax.device_get(jax.jit(lambda k: ae.init_params(ae_model, k))(jax.random.key(9))), mesh)
   optimizer = train.make_optimizer(cfg.optim)
   state, shardings = train.init_state(common.init_params_fn(model), optimizer, jax.random.key(0), mesh, fsdp=False)
   step = train.jit_train_step(shardings, mesh, model=model, optimizer=optimizer, cfg=cfg, ae_model=ae_model)
   full = jax.device_get(common.batch())
   rows = common.BATCH // jax.process_count()
-  local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in full.items()}
+  local = {k: v[jax.process_index() * rows : (jax.process_index() + 1) * rows] for k, v in full.items()}
   batch = train.global_batch(local, mesh)
   losses = []
   for _ in range(3):

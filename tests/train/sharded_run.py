@@ -12,18 +12,24 @@ from lpl_jax import train
 from tests.train import common
 
 # name: (data, fsdp, shard params, gradient accumulation steps)
-MESHES = {'one': (1, 1, False, 1), 'data8': (8, 1, False, 1), 'fsdp8': (1, 8, True, 1), 'mixed': (2, 4, True, 1),
-          'fsdp4_accum2': (1, 4, True, 2)}
+MESHES = {
+  'one': (1, 1, False, 1),
+  'data8': (8, 1, False, 1),
+  'fsdp8': (1, 8, True, 1),
+  'mixed': (2, 4, True, 1),
+  'fsdp4_accum2': (1, 4, True, 2),
+}
 
 
 def run(name):
   data, fsdp, shard_params, accum = MESHES[name]
-  devices = jax.devices()[:data * fsdp]
+  devices = jax.devices()[: data * fsdp]
   mesh = train.make_mesh(data, fsdp, devices=devices)
   model, ae_model, ae_params, cfg = common.setup(groups=8, accum=accum)
   optimizer = train.make_optimizer(cfg.optim)
-  state, shardings = train.init_state(common.init_params_fn(model), optimizer, jax.random.key(0), mesh,
-                                      fsdp=shard_params)
+  state, shardings = train.init_state(
+    common.init_params_fn(model), optimizer, jax.random.key(0), mesh, fsdp=shard_params
+  )
   step = train.jit_train_step(shardings, mesh, model=model, optimizer=optimizer, cfg=cfg, ae_model=ae_model)
   batch = jax.device_put(common.batch(), train.batch_sharding(mesh))
   losses = []

@@ -26,8 +26,15 @@ def setup():
 
 
 def _cfg(lcfg, chunk):
-  return train.StepConfig(diffusion.get_formulation('ddpm_eps'), diffusion.TimestepSampler(num_timesteps=1000),
-                          train.OptimConfig(), lpl=lcfg, lpl_rows_per_group=K, lpl_groups=GROUPS, lpl_chunk=chunk)
+  return train.StepConfig(
+    diffusion.get_formulation('ddpm_eps'),
+    diffusion.TimestepSampler(num_timesteps=1000),
+    train.OptimConfig(),
+    lpl=lcfg,
+    lpl_rows_per_group=K,
+    lpl_groups=GROUPS,
+    lpl_chunk=chunk,
+  )
 
 
 @pytest.mark.parametrize('chunk', [0, 1])
@@ -45,8 +52,10 @@ def test_lpl_term_value_and_gradient_equal_autodiff_of_the_loss(setup, chunk):
 
   def reference(zh):
     loss, aux = lpl.lpl_loss(features_fn, zh[rows], z0[rows], lcfg)
-    return jnp.sum(loss) * 2.5 + jnp.sum(zh * weights), (jnp.sum(aux['layer_loss'], 0),
-                                                           jnp.sum(aux['outlier_fraction'], 0))
+    return jnp.sum(loss) * 2.5 + jnp.sum(zh * weights), (
+      jnp.sum(aux['layer_loss'], 0),
+      jnp.sum(aux['outlier_fraction'], 0),
+    )
 
   (v, (layer, frac)), g = jax.jit(jax.value_and_grad(ours, has_aux=True))(z0_hat)
   (v_ref, (layer_ref, frac_ref)), g_ref = jax.jit(jax.value_and_grad(reference, has_aux=True))(z0_hat)

@@ -12,8 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _env(devices):
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
-              PYTHONPATH=ROOT)
+  return dict(
+    os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu', PYTHONPATH=ROOT
+  )
 
 
 @pytest.mark.slow
@@ -22,8 +23,9 @@ def test_two_processes_match_one(tmp_path):
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   cmd = [sys.executable, '-m', 'tests.train.multiprocess_run']
-  procs = [subprocess.Popen(cmd + [str(tmp_path / 'multi.npz'), str(port), str(i)], cwd=ROOT, env=_env(2))
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(cmd + [str(tmp_path / 'multi.npz'), str(port), str(i)], cwd=ROOT, env=_env(2)) for i in range(2)
+  ]
   subprocess.run(cmd + [str(tmp_path / 'single.npz')], cwd=ROOT, env=_env(4), check=True, timeout=900)
   for p in procs:
     assert p.wait(timeout=900) == 0

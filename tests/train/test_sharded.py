@@ -13,11 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.mark.slow
 def test_meshes_match_one_device(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
-             PYTHONPATH=ROOT)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
   out = tmp_path / 'runs.npz'
-  subprocess.run([sys.executable, '-m', 'tests.train.sharded_run', str(out)], cwd=ROOT, env=env, check=True,
-                 timeout=900)
+  subprocess.run(
+    [sys.executable, '-m', 'tests.train.sharded_run', str(out)], cwd=ROOT, env=env, check=True, timeout=900
+  )
   runs = np.load(out)
   ref_losses, ref_params = runs['one_losses'], runs['one_params']
   assert np.all(ref_losses[:, 1] > 0), 'LPL must be active in these steps'

@@ -55,8 +55,9 @@ def test_lpl_gradient_reaches_the_denoiser(with_lpl, zero_weight):
   state, history, _, _ = with_lpl
   rows = common.setup()[3].lpl_rows_per_group  # one group on one device: K rows in all
   assert history[0]['loss/lpl'] > 0 and history[0]['lpl/rows'] == rows > 0
-  assert history[0]['loss/total'] == pytest.approx(history[0]['loss/diffusion'] + 3.0 * history[0]['loss/lpl'] * rows
-                                                   / common.BATCH, rel=1e-5)
+  assert history[0]['loss/total'] == pytest.approx(
+    history[0]['loss/diffusion'] + 3.0 * history[0]['loss/lpl'] * rows / common.BATCH, rel=1e-5
+  )
   assert np.max(np.abs(_flat(state.params) - _flat(zero_weight[0].params))) > 1e-4
 
 

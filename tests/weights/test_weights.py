@@ -19,8 +19,12 @@ def test_one_error_class_for_every_importer():
   assert issubclass(weights.WeightsMismatchError, ValueError)
 
 
-EXPECTED = {('conv', 'kernel'): (3, 3, 4, 8), ('conv', 'bias'): (8,), ('norm', 'scale'): (8,),
-            ('dense', 'kernel'): (8, 2)}
+EXPECTED = {
+  ('conv', 'kernel'): (3, 3, 4, 8),
+  ('conv', 'bias'): (8,),
+  ('norm', 'scale'): (8,),
+  ('dense', 'kernel'): (8, 2),
+}
 
 
 def _entries(state):
@@ -29,8 +33,12 @@ def _entries(state):
 
 def _state():
   rng = np.random.default_rng(0)
-  return {'conv.weight': rng.normal(size=(8, 4, 3, 3)).astype(np.float32), 'conv.bias': np.zeros(8, np.float32),
-          'norm.weight': np.ones(8, np.float32), 'dense.weight': rng.normal(size=(2, 8)).astype(np.float32)}
+  return {
+    'conv.weight': rng.normal(size=(8, 4, 3, 3)).astype(np.float32),
+    'conv.bias': np.zeros(8, np.float32),
+    'norm.weight': np.ones(8, np.float32),
+    'dense.weight': rng.normal(size=(2, 8)).astype(np.float32),
+  }
 
 
 def test_match_params_returns_every_expected_path():
@@ -51,12 +59,13 @@ def test_match_params_names_every_problem_in_one_error():
   with pytest.raises(weights.WeightsMismatchError) as info:
     weights.match_params(entries, EXPECTED, target='the test model', model='TestNet')
   assert str(info.value) == (
-      'weights do not match the test model:\n'
-      '  1 missing tensor(s):\n    conv.bias (8,)\n'
-      '  1 unexpected tensor(s):\n    extra.weight (5, 6)\n'
-      '  1 mis-shaped tensor(s):\n    dense.weight: file has (3, 8), TestNet expects (2, 8)\n'
-      '  1 non-floating-point tensor(s):\n    norm.weight: dtype int64, expected floating point\n'
-      '  1 given twice tensor(s):\n    conv.weight_copy (same tensor as conv.weight)')
+    'weights do not match the test model:\n'
+    '  1 missing tensor(s):\n    conv.bias (8,)\n'
+    '  1 unexpected tensor(s):\n    extra.weight (5, 6)\n'
+    '  1 mis-shaped tensor(s):\n    dense.weight: file has (3, 8), TestNet expects (2, 8)\n'
+    '  1 non-floating-point tensor(s):\n    norm.weight: dtype int64, expected floating point\n'
+    '  1 given twice tensor(s):\n    conv.weight_copy (same tensor as conv.weight)'
+  )
 
 
 def test_match_params_accepts_bfloat16_as_floating_point():
@@ -65,14 +74,27 @@ def test_match_params_accepts_bfloat16_as_floating_point():
   assert params[('norm', 'scale')].dtype == ml_dtypes.bfloat16
 
 
-@pytest.mark.parametrize('name,ndim,path,leaves,numbered', [
-    ('decoder.up_blocks.0.resnets.1.conv1.weight', 4, ('decoder', 'up_blocks_0', 'resnets_1', 'conv1', 'kernel'),
-     None, True),
+@pytest.mark.parametrize(
+  'name,ndim,path,leaves,numbered',
+  [
+    (
+      'decoder.up_blocks.0.resnets.1.conv1.weight',
+      4,
+      ('decoder', 'up_blocks_0', 'resnets_1', 'conv1', 'kernel'),
+      None,
+      True,
+    ),
     ('transformer_blocks.12.ff.net.2.weight', 2, ('transformer_blocks_12', 'ff', 'net_2', 'kernel'), None, True),
     ('norm_out.weight', 1, ('norm_out', 'scale'), None, True),
-    ('Mixed_6b.branch7x7_1.bn.running_var', 1, ('Mixed_6b', 'branch7x7_1', 'bn', 'var'),
-     {'running_mean': 'mean', 'running_var': 'var'}, False),
-])
+    (
+      'Mixed_6b.branch7x7_1.bn.running_var',
+      1,
+      ('Mixed_6b', 'branch7x7_1', 'bn', 'var'),
+      {'running_mean': 'mean', 'running_var': 'var'},
+      False,
+    ),
+  ],
+)
 def test_names_round_trip(name, ndim, path, leaves, numbered):
   assert weights.torch_name_to_path(name, ndim, leaves=leaves) == path
   assert weights.path_to_torch_name(path, leaves=leaves, numbered=numbered) == name
@@ -89,22 +111,32 @@ def test_layouts_are_torch_conv_and_linear_layouts():
   expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy().transpose(0, 2, 3, 1)
   kernel = weights.torch_to_flax(w)
   assert kernel.shape == (3, 2, 4, 6) and weights.torch_shape(kernel.shape) == w.shape
-  out = jax.lax.conv_general_dilated(x.transpose(0, 2, 3, 1), kernel, (1, 1), 'VALID',
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest')
+  out = jax.lax.conv_general_dilated(
+    x.transpose(0, 2, 3, 1), kernel, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest'
+  )
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   lin = rng.normal(size=(3, 5)).astype(np.float32)  # [O, I]
   v = rng.normal(size=(4, 5)).astype(np.float32)
-  np.testing.assert_allclose(v @ weights.torch_to_flax(lin), torch.nn.functional.linear(
-      torch.from_numpy(v), torch.from_numpy(lin)).numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    v @ weights.torch_to_flax(lin),
+    torch.nn.functional.linear(torch.from_numpy(v), torch.from_numpy(lin)).numpy(),
+    rtol=1e-5,
+    atol=1e-5,
+  )
   for a in (w, lin, np.zeros(3)):
     np.testing.assert_array_equal(weights.flax_to_torch(weights.torch_to_flax(a)), a)
 
 
 def test_read_safetensors_matches_safetensors_own_reader(tmp_path):
   rng = np.random.default_rng(2)
-  state = {'f64': rng.normal(size=(2, 3)), 'f16': rng.normal(size=(4,)).astype(np.float16),
-           'i64': np.arange(5, dtype=np.int64), 'u8': np.arange(6, dtype=np.uint8).reshape(2, 3),
-           'b': np.array([True, False]), 'scalar': np.array(1.5, np.float32)}
+  state = {
+    'f64': rng.normal(size=(2, 3)),
+    'f16': rng.normal(size=(4,)).astype(np.float16),
+    'i64': np.arange(5, dtype=np.int64),
+    'u8': np.arange(6, dtype=np.uint8).reshape(2, 3),
+    'b': np.array([True, False]),
+    'scalar': np.array(1.5, np.float32),
+  }
   save_file(state, str(tmp_path / 'w.safetensors'), metadata={'format': 'np'})
   theirs = load_file(str(tmp_path / 'w.safetensors'))
   kept = weights.read_safetensors(tmp_path / 'w.safetensors', float_dtype=None)

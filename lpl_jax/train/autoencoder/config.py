@@ -97,8 +97,11 @@ class AETrainConfig:
     unknown = sorted(set(values) - set(names))
     missing = [n for n in names if n not in values]
     if unknown or missing:
-      problems = [f'{what} {", ".join(fields)}' for what, fields in (('unknown fields', unknown),
-                                                                    ('missing fields', missing)) if fields]
+      problems = [
+        f'{what} {", ".join(fields)}'
+        for what, fields in (('unknown fields', unknown), ('missing fields', missing))
+        if fields
+      ]
       raise ValueError(f'the autoencoder config does not match AETrainConfig: {"; ".join(problems)}.')
     for name in PRESET_VALUE:
       if not values[name]:  # (), 0 (or None, from a plain mapping)
@@ -109,36 +112,59 @@ class AETrainConfig:
     if self.widths is not None:
       object.__setattr__(self, 'widths', tuple(int(w) for w in self.widths))
       if not self.widths or min(self.widths) < 1:
-        raise ValueError(f'widths={self.widths}: expected at least one width, each >= 1 (None = the preset\'s).')
+        raise ValueError(f"widths={self.widths}: expected at least one width, each >= 1 (None = the preset's).")
     for name in ('layers_per_block', 'latent_channels'):
       if getattr(self, name) is not None and getattr(self, name) < 1:
-        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)} (None = the preset\'s).')
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (None = the preset's).")
     if self.preset not in ae.PRESETS:
       raise ValueError(f'preset={self.preset!r}; known: {sorted(ae.PRESETS)}.')
     if self.rec_loss not in REC_LOSSES:
       raise ValueError(f'rec_loss={self.rec_loss!r}; expected one of {REC_LOSSES}.')
     if self.dtype not in DTYPES:
       raise ValueError(f'dtype={self.dtype!r}; expected one of {DTYPES}.')
-    for name in ('resolution', 'batch_size', 'steps', 'num_samples', 'scale_images', 'eval_images', 'log_every',
-                 'checkpoint_every', 'disc_width', 'disc_layers', 'keep_checkpoints'):
+    for name in (
+      'resolution',
+      'batch_size',
+      'steps',
+      'num_samples',
+      'scale_images',
+      'eval_images',
+      'log_every',
+      'checkpoint_every',
+      'disc_width',
+      'disc_layers',
+      'keep_checkpoints',
+    ):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}.')
-    for name in ('kl_weight', 'perceptual_weight', 'disc_weight', 'weight_decay', 'warmup_steps', 'disc_start',
-                 'export_every'):
+    for name in (
+      'kl_weight',
+      'perceptual_weight',
+      'disc_weight',
+      'weight_decay',
+      'warmup_steps',
+      'disc_start',
+      'export_every',
+    ):
       if getattr(self, name) < 0:
         raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}.')
     if self.lr <= 0:
       raise ValueError(f'lr must be > 0, got {self.lr}.')
     f = self.autoencoder_config().downsample_factor
     if self.resolution % f:
-      raise ValueError(f'resolution={self.resolution} is not a multiple of the autoencoder\'s downsampling factor '
-                       f'{f} ({len(self.autoencoder_config().block_out_channels)} levels).')
+      raise ValueError(
+        f"resolution={self.resolution} is not a multiple of the autoencoder's downsampling factor "
+        f'{f} ({len(self.autoencoder_config().block_out_channels)} levels).'
+      )
     if self.perceptual_weight and self.resolution < 11:
-      raise ValueError(f'perceptual_weight needs images of at least 11 px (the SSIM window); resolution='
-                       f'{self.resolution}.')
+      raise ValueError(
+        f'perceptual_weight needs images of at least 11 px (the SSIM window); resolution={self.resolution}.'
+      )
     if self.disc_weight and self.resolution < 2 ** (self.disc_layers + 2):
-      raise ValueError(f'a discriminator with disc_layers={self.disc_layers} needs images of at least '
-                       f'{2 ** (self.disc_layers + 2)} px; resolution={self.resolution}.')
+      raise ValueError(
+        f'a discriminator with disc_layers={self.disc_layers} needs images of at least '
+        f'{2 ** (self.disc_layers + 2)} px; resolution={self.resolution}.'
+      )
 
   def autoencoder_config(self) -> ae.AutoencoderConfig:
     """The preset with this run's overrides (encoder and decoder share widths and depth, as in `AutoencoderKL`)."""
@@ -148,9 +174,15 @@ class AETrainConfig:
     widths = self.widths or base.block_out_channels
     layers = self.layers_per_block or base.layers_per_block
     return dataclasses.replace(
-        base, block_out_channels=widths, decoder_block_out_channels=widths, layers_per_block=layers,
-        decoder_layers_per_block=layers, latent_channels=self.latent_channels or base.latent_channels,
-        scaling_factor=1.0, shift_factor=0.0)
+      base,
+      block_out_channels=widths,
+      decoder_block_out_channels=widths,
+      layers_per_block=layers,
+      decoder_layers_per_block=layers,
+      latent_channels=self.latent_channels or base.latent_channels,
+      scaling_factor=1.0,
+      shift_factor=0.0,
+    )
 
   def to_json(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)

@@ -42,13 +42,13 @@ class PatchDiscriminator(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     pad = ((1, 1), (1, 1))
-    conv = lambda f, s, bias=True: nn.Conv(f, (4, 4), (s, s), padding=pad, use_bias=bias, kernel_init=_INIT,
-                                           dtype=self.dtype)
+    conv = lambda f, s, bias=True: nn.Conv(
+      f, (4, 4), (s, s), padding=pad, use_bias=bias, kernel_init=_INIT, dtype=self.dtype
+    )
     h = nn.leaky_relu(conv(self.width, 2)(x.astype(self.dtype)), 0.2)
     for n in range(1, self.num_layers + 1):
       stride = 2 if n < self.num_layers else 1
-      h = conv(self.width * min(2 ** n, 8), stride, bias=False)(h)
-      h = nn.GroupNorm(self.norm_groups, dtype=self.dtype, scale_init=_scale_init,
-                       use_fast_variance=False)(h)
+      h = conv(self.width * min(2**n, 8), stride, bias=False)(h)
+      h = nn.GroupNorm(self.norm_groups, dtype=self.dtype, scale_init=_scale_init, use_fast_variance=False)(h)
       h = nn.leaky_relu(h, 0.2)
     return conv(1, 1)(h).astype(jnp.float32)

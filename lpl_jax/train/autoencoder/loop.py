@@ -38,19 +38,27 @@ _EVAL_SEED_OFFSET = 1_000_003  # held-out crops: another crop/flip stream than a
 def _images(cfg: AETrainConfig, count: int, seed: int) -> np.ndarray:
   """`count` random crops (no flips) of the embedded photographs, `[count, R, R, 3]` in [-1, 1]."""
   batch = min(count, 64)
-  it = iter(make_image_pipeline(make_source('embedded', num_samples=max(count, cfg.num_samples)),
-                                resolution=cfg.resolution, global_batch=batch, seed=seed, random_crop=True,
-                                num_epochs=None))
+  it = iter(
+    make_image_pipeline(
+      make_source('embedded', num_samples=max(count, cfg.num_samples)),
+      resolution=cfg.resolution,
+      global_batch=batch,
+      seed=seed,
+      random_crop=True,
+      num_epochs=None,
+    )
+  )
   return np.concatenate([next(it)['images'] for _ in range(math.ceil(count / batch))])[:count]
 
 
 def _batched(fn: Callable, images: np.ndarray, batch: int = 64) -> np.ndarray:
-  out = [np.asarray(fn(images[i:i + batch])) for i in range(0, len(images), batch)]
+  out = [np.asarray(fn(images[i : i + batch])) for i in range(0, len(images), batch)]
   return np.concatenate(out)
 
 
 def evaluate(model: ae.AutoencoderKL, params: Any, images: np.ndarray) -> dict[str, float]:
   """PSNR (dB, reconstructions of the posterior mean clipped to [-1, 1]) and L1 on `images`."""
+
   @jax.jit
   def fn(x):
     x_rec = step_lib.reconstruct(model, params, x)[0]
@@ -69,13 +77,15 @@ def latent_scaling_factor(model: ae.AutoencoderKL, params: Any, images: np.ndarr
     mean, logvar = model.apply({'params': params}, x, method=model.encode)
     return ae.sample_posterior(k, mean, logvar)
 
-  z = np.concatenate([np.asarray(fn(images[i:i + 64], jax.random.fold_in(key, i)))
-                      for i in range(0, len(images), 64)])
+  z = np.concatenate(
+    [np.asarray(fn(images[i : i + 64], jax.random.fold_in(key, i))) for i in range(0, len(images), 64)]
+  )
   return float(1.0 / z.astype(np.float64).std())
 
 
-def export(folder: str, cfg: AETrainConfig, params: Any, *, step: int, scale_images: np.ndarray,
-           eval_images: np.ndarray) -> dict[str, Any]:
+def export(
+  folder: str, cfg: AETrainConfig, params: Any, *, step: int, scale_images: np.ndarray, eval_images: np.ndarray
+) -> dict[str, Any]:
   """Writes the diffusers-format folder with the measured `scaling_factor`, then `lpl_training.json` (last, so its
   presence means the folder is complete)."""
   model = ae.AutoencoderKL(cfg.autoencoder_config())  # float32 for the measurements, whatever trained it
@@ -87,8 +97,15 @@ def export(folder: str, cfg: AETrainConfig, params: Any, *, step: int, scale_ima
     os.remove(info_path)  # the folder is being rewritten: not complete until the new info lands
   exported = ae.AutoencoderKL(dataclasses.replace(cfg.autoencoder_config(), scaling_factor=scale))
   ae.save_diffusers(folder, exported, params)
-  info = dict(settings=cfg.to_json(), settings_hash=cfg.settings_hash(), step=step, scaling_factor=scale,
-              heldout_psnr=metrics['psnr'], heldout_l1=metrics['l1'], heldout_images=len(eval_images))
+  info = dict(
+    settings=cfg.to_json(),
+    settings_hash=cfg.settings_hash(),
+    step=step,
+    scaling_factor=scale,
+    heldout_psnr=metrics['psnr'],
+    heldout_l1=metrics['l1'],
+    heldout_images=len(eval_images),
+  )
   tmp = info_path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(info, f, indent=2)
@@ -104,8 +121,9 @@ def read_training_info(folder: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def train(cfg: AETrainConfig, workdir: str, *, export_dir: str | None = None,
-          stop_after: int | None = None) -> dict[str, Any]:
+def train(
+  cfg: AETrainConfig, workdir: str, *, export_dir: str | None = None, stop_after: int | None = None
+) -> dict[str, Any]:
   """Trains (resuming from `workdir/checkpoints`) and exports to `export_dir` (default `workdir/export`).
 
   Args:
@@ -124,10 +142,17 @@ def train(cfg: AETrainConfig, workdir: str, *, export_dir: str | None = None,
   model, disc = step_lib.make_models(cfg)
   optimizer = step_lib.make_optimizer(cfg)
   state = step_lib.create_state(cfg, model, disc, optimizer)
-  data = iter(make_image_pipeline(make_source('embedded', num_samples=cfg.num_samples), resolution=cfg.resolution,
-                                  global_batch=cfg.batch_size, seed=cfg.seed, random_crop=True, random_flip=True))
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=cfg.checkpoint_every,
-                      keep=cfg.keep_checkpoints)
+  data = iter(
+    make_image_pipeline(
+      make_source('embedded', num_samples=cfg.num_samples),
+      resolution=cfg.resolution,
+      global_batch=cfg.batch_size,
+      seed=cfg.seed,
+      random_crop=True,
+      random_flip=True,
+    )
+  )
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
   start = 0
   restored = ckpt.restore(state)
   if restored is not None:
@@ -162,12 +187,12 @@ def train(cfg: AETrainConfig, workdir: str, *, export_dir: str | None = None,
   if end < cfg.steps:
     return dict(metrics, step=end, train_seconds=seconds)
   if start < cfg.steps or not is_complete(export_dir, cfg):
-    info = export(export_dir, cfg, state.params, step=cfg.steps, scale_images=scale_images,
-                  eval_images=eval_images)
+    info = export(export_dir, cfg, state.params, step=cfg.steps, scale_images=scale_images, eval_images=eval_images)
   else:
     info = read_training_info(export_dir)
-  log.info('exported %s: scaling_factor %.4f, held-out PSNR %.2f dB', export_dir, info['scaling_factor'],
-           info['heldout_psnr'])
+  log.info(
+    'exported %s: scaling_factor %.4f, held-out PSNR %.2f dB', export_dir, info['scaling_factor'], info['heldout_psnr']
+  )
   return dict(info, train_seconds=seconds)
 
 

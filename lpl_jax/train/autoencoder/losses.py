@@ -46,14 +46,17 @@ def _blur_valid(x: jax.Array, window: np.ndarray) -> jax.Array:
   c = x.shape[-1]
   k = jnp.asarray(window, x.dtype)
   dn = ('NHWC', 'HWIO', 'NHWC')
-  x = jax.lax.conv_general_dilated(x, jnp.tile(k[:, None, None, None], (1, 1, 1, c)), (1, 1), 'VALID',
-                                   dimension_numbers=dn, feature_group_count=c)
-  return jax.lax.conv_general_dilated(x, jnp.tile(k[None, :, None, None], (1, 1, 1, c)), (1, 1), 'VALID',
-                                      dimension_numbers=dn, feature_group_count=c)
+  x = jax.lax.conv_general_dilated(
+    x, jnp.tile(k[:, None, None, None], (1, 1, 1, c)), (1, 1), 'VALID', dimension_numbers=dn, feature_group_count=c
+  )
+  return jax.lax.conv_general_dilated(
+    x, jnp.tile(k[None, :, None, None], (1, 1, 1, c)), (1, 1), 'VALID', dimension_numbers=dn, feature_group_count=c
+  )
 
 
-def ssim(x: jax.Array, y: jax.Array, *, data_range: float = 2.0, window: int = SSIM_WINDOW,
-         sigma: float = SSIM_SIGMA) -> jax.Array:
+def ssim(
+  x: jax.Array, y: jax.Array, *, data_range: float = 2.0, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA
+) -> jax.Array:
   """Mean SSIM over valid positions and channels, per example `[B]` (Wang et al. 2004, eq. 13).
 
   Population (not sample) statistics under a Gaussian window, constants `K1 = 0.01`, `K2 = 0.03`; equal to
@@ -76,7 +79,7 @@ def ssim(x: jax.Array, y: jax.Array, *, data_range: float = 2.0, window: int = S
 
 def _avg_pool2(x: jax.Array) -> jax.Array:
   b, h, w, c = x.shape
-  return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+  return x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
 def ssim_loss(x: jax.Array, x_rec: jax.Array, *, num_scales: int = 3, data_range: float = 2.0) -> jax.Array:
@@ -101,8 +104,9 @@ def hinge_discriminator_loss(logits_real: jax.Array, logits_fake: jax.Array) -> 
   `hinge_d_loss`)."""
   chex.assert_equal_shape([logits_real, logits_fake])
   axes = tuple(range(1, logits_real.ndim))
-  return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real), axis=axes) +
-                jnp.mean(jax.nn.relu(1.0 + logits_fake), axis=axes))
+  return 0.5 * (
+    jnp.mean(jax.nn.relu(1.0 - logits_real), axis=axes) + jnp.mean(jax.nn.relu(1.0 + logits_fake), axis=axes)
+  )
 
 
 def generator_loss(logits_fake: jax.Array) -> jax.Array:
@@ -110,8 +114,9 @@ def generator_loss(logits_fake: jax.Array) -> jax.Array:
   return -jnp.mean(logits_fake, axis=tuple(range(1, logits_fake.ndim)))
 
 
-def adaptive_weight(nll_grad: jax.Array, gan_grad: jax.Array, *, disc_weight: float, eps: float = 1e-4,
-                    max_weight: float = 1e4) -> jax.Array:
+def adaptive_weight(
+  nll_grad: jax.Array, gan_grad: jax.Array, *, disc_weight: float, eps: float = 1e-4, max_weight: float = 1e4
+) -> jax.Array:
   """`lambda = disc_weight * clip(||grad nll|| / (||grad gan|| + eps), 0, max_weight)`, no gradient (Esser et al.
   2021, eq. 7).
 

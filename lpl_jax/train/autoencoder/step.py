@@ -63,8 +63,9 @@ def make_models(cfg: AETrainConfig) -> tuple[AutoencoderKL, PatchDiscriminator |
   return model, disc
 
 
-def create_state(cfg: AETrainConfig, model: AutoencoderKL, disc: PatchDiscriminator | None,
-                 optimizer: optax.GradientTransformation) -> AEState:
+def create_state(
+  cfg: AETrainConfig, model: AutoencoderKL, disc: PatchDiscriminator | None, optimizer: optax.GradientTransformation
+) -> AEState:
   k_ae, k_disc, k_run = jax.random.split(jax.random.key(cfg.seed), 3)
   # Jitted: eager initialisation dispatches every op on its own and takes tens of seconds on a CPU.
   params = jax.jit(init_params, static_argnums=(0, 2))(model, k_ae, cfg.resolution)
@@ -73,8 +74,14 @@ def create_state(cfg: AETrainConfig, model: AutoencoderKL, disc: PatchDiscrimina
     x = jnp.zeros((1, cfg.resolution, cfg.resolution, 3), jnp.float32)
     disc_params = jax.jit(disc.init)(k_disc, x)['params']
     disc_opt = optimizer.init(disc_params)
-  return AEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                 disc_params=disc_params, disc_opt_state=disc_opt, rng=k_run)
+  return AEState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=optimizer.init(params),
+    disc_params=disc_params,
+    disc_opt_state=disc_opt,
+    rng=k_run,
+  )
 
 
 def _decoder_head_input(module: AutoencoderKL, z: jax.Array) -> jax.Array:
@@ -87,8 +94,9 @@ def _conv_out(module: AutoencoderKL, h: jax.Array) -> jax.Array:
   return module.decoder.conv_out(h).astype(jnp.float32)
 
 
-def reconstruct(model: AutoencoderKL, params: Any, x: jax.Array, key: jax.Array | None = None
-                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def reconstruct(
+  model: AutoencoderKL, params: Any, x: jax.Array, key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """`(x_rec, h, mean, logvar)`; `z` is the posterior mean when `key` is None, else a posterior sample.
 
   `x_rec` is `decode(z)` computed as `conv_out(h)`, so that the step can differentiate through the last layer alone.
@@ -119,8 +127,15 @@ def _nll(x: jax.Array, x_rec: jax.Array, cfg: LossConfig) -> tuple[jax.Array, di
   return nll, parts
 
 
-def last_layer_grads(model: AutoencoderKL, params: Any, h: jax.Array, x: jax.Array, disc: PatchDiscriminator,
-                     disc_params: Any, cfg: LossConfig) -> tuple[jax.Array, jax.Array]:
+def last_layer_grads(
+  model: AutoencoderKL,
+  params: Any,
+  h: jax.Array,
+  x: jax.Array,
+  disc: PatchDiscriminator,
+  disc_params: Any,
+  cfg: LossConfig,
+) -> tuple[jax.Array, jax.Array]:
   """Gradients of `mean(nll)` and of the generator loss w.r.t. the `decoder.conv_out` kernel (taming's
   `last_layer`), for the adaptive weight.
 
@@ -131,13 +146,20 @@ def last_layer_grads(model: AutoencoderKL, params: Any, h: jax.Array, x: jax.Arr
   rec_of = lambda k: model.apply({'params': _with_last_kernel(params, k)}, h, method=_conv_out)
   kernel = params['decoder']['conv_out']['kernel']
   nll_grad = jax.grad(lambda k: jnp.mean(_nll(x, rec_of(k), cfg)[0]))(kernel)
-  gan_grad = jax.grad(lambda k: jnp.mean(losses.generator_loss(disc.apply({'params': disc_params}, rec_of(k)))))(
-      kernel)
+  gan_grad = jax.grad(lambda k: jnp.mean(losses.generator_loss(disc.apply({'params': disc_params}, rec_of(k)))))(kernel)
   return nll_grad, gan_grad
 
 
-def train_step(state: AEState, batch: dict, *, model: AutoencoderKL, disc: PatchDiscriminator | None,
-               optimizer: optax.GradientTransformation, cfg: LossConfig, gan: bool) -> tuple[AEState, dict]:
+def train_step(
+  state: AEState,
+  batch: dict,
+  *,
+  model: AutoencoderKL,
+  disc: PatchDiscriminator | None,
+  optimizer: optax.GradientTransformation,
+  cfg: LossConfig,
+  gan: bool,
+) -> tuple[AEState, dict]:
   """One update of the autoencoder (and, when `gan`, of the discriminator) on `batch['images'] [B, H, W, 3]`."""
   x = batch['images'].astype(jnp.float32)
   rng, key = jax.random.split(state.rng)
@@ -159,8 +181,9 @@ def train_step(state: AEState, batch: dict, *, model: AutoencoderKL, disc: Patch
 
   (_, (metrics, x_rec)), grads = jax.value_and_grad(ae_loss, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state, rng=rng)
+  state = state.replace(
+    step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state, rng=rng
+  )
   metrics['psnr'] = jnp.mean(psnr(x, x_rec))
   if gan:
     fake = jax.lax.stop_gradient(x_rec)
@@ -180,11 +203,17 @@ def train_step(state: AEState, batch: dict, *, model: AutoencoderKL, disc: Patch
 def psnr(x: jax.Array, x_rec: jax.Array, data_range: float = 2.0) -> jax.Array:
   """PSNR in dB of `x_rec` clipped to [-1, 1] against `x`, per example `[B]`."""
   mse = jnp.mean(jnp.square(jnp.clip(x_rec, -1.0, 1.0) - x), axis=(1, 2, 3))
-  return 10.0 * jnp.log10(data_range ** 2 / jnp.maximum(mse, 1e-12))
+  return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-12))
 
 
-def jit_train_step(cfg: AETrainConfig, model: AutoencoderKL, disc: PatchDiscriminator | None,
-                   optimizer: optax.GradientTransformation, *, gan: bool):
+def jit_train_step(
+  cfg: AETrainConfig,
+  model: AutoencoderKL,
+  disc: PatchDiscriminator | None,
+  optimizer: optax.GradientTransformation,
+  *,
+  gan: bool,
+):
   """The step with its static parts bound, jitted with the state donated."""
   fn = functools.partial(train_step, model=model, disc=disc, optimizer=optimizer, cfg=loss_config(cfg), gan=gan)
   return jax.jit(fn, donate_argnums=0)

@@ -33,9 +33,14 @@ def _config_file():
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, '-m', 'lpl_jax.train_autoencoder', *args], cwd=ROOT,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT), capture_output=True, text=True,
-                        timeout=300)
+  return subprocess.run(
+    [sys.executable, '-m', 'lpl_jax.train_autoencoder', *args],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 @pytest.mark.parametrize('variant', _config_file().VARIANTS)
@@ -99,10 +104,12 @@ def test_unknown_variant_token_names_it_and_the_known_ones():
 
 
 def test_command_line_bad_input_is_one_error_line_before_training(tmp_path):
-  for args, expected in ((['--config.rec_loss=l3'], "rec_loss='l3'"),
-                         (['--config=configs/autoencoder.py:f4', '--config.disc_strat=5'], "no field 'disc_strat'"),
-                         (['--config=configs/autoencoder.py:f5'], "'f5'"),
-                         (['--config.steps=many'], '--config.steps=many')):
+  for args, expected in (
+    (['--config.rec_loss=l3'], "rec_loss='l3'"),
+    (['--config=configs/autoencoder.py:f4', '--config.disc_strat=5'], "no field 'disc_strat'"),
+    (['--config=configs/autoencoder.py:f5'], "'f5'"),
+    (['--config.steps=many'], '--config.steps=many'),
+  ):
     proc = _run(f'--workdir={tmp_path / "run"}', *args)
     assert proc.returncode == 2, (args, proc.stderr[-2000:])
     last = proc.stderr.strip().splitlines()[-1]
@@ -125,18 +132,34 @@ def test_command_line_cache_hit_prints_the_export_folder(tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
-  cfg = AETrainConfig(widths=(8, 16), layers_per_block=1, resolution=16, batch_size=4, steps=6, scale_images=8,
-                      eval_images=8, log_every=1, checkpoint_every=1)
+  cfg = AETrainConfig(
+    widths=(8, 16),
+    layers_per_block=1,
+    resolution=16,
+    batch_size=4,
+    steps=6,
+    scale_images=8,
+    eval_images=8,
+    log_every=1,
+    checkpoint_every=1,
+  )
 
   def fake_create_state(*args):  # the real one compiles the autoencoder's initialisation (about 15 s on a CPU)
-    return step_lib.AEState(step=jnp.zeros((), jnp.int32), params={'w': jnp.zeros(3)}, opt_state=(),
-                            disc_params=None, disc_opt_state=None, rng=jax.random.key(0))
+    return step_lib.AEState(
+      step=jnp.zeros((), jnp.int32),
+      params={'w': jnp.zeros(3)},
+      opt_state=(),
+      disc_params=None,
+      disc_opt_state=None,
+      rng=jax.random.key(0),
+    )
 
   def fake_jit_train_step(*args, **kwargs):
     def step(state, batch):
       del batch
       state = state.replace(step=state.step + 1, params={'w': state.params['w'] + 1})
       return state, {'loss': jnp.where(state.step >= 3, jnp.nan, 1.0), 'l1': jnp.ones(())}
+
     return step
 
   monkeypatch.setattr(step_lib, 'create_state', fake_create_state)

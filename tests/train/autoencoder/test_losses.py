@@ -23,7 +23,7 @@ def test_kl_of_known_gaussians():
   rng = np.random.default_rng(0)
   mean, std = rng.normal(size=(2, 2, 2, 3)), rng.uniform(0.2, 2.0, size=(2, 2, 2, 3))
   # KL(N(m, s^2) || N(0, 1)) = -log s + (s^2 + m^2) / 2 - 1/2 per element.
-  expected = np.sum(-np.log(std) + 0.5 * (std ** 2 + mean ** 2) - 0.5, axis=(1, 2, 3))
+  expected = np.sum(-np.log(std) + 0.5 * (std**2 + mean**2) - 0.5, axis=(1, 2, 3))
   got = jax.jit(kl_divergence)(jnp.asarray(mean, jnp.float32), jnp.asarray(2 * np.log(std), jnp.float32))
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   assert float(kl_divergence(jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 2, 4)))[0]) == 0.0
@@ -38,8 +38,14 @@ def test_reconstruction_losses_sum_per_example():
 
 
 def _skimage_ssim(x, y):
-  return np.array([structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                         data_range=2.0, channel_axis=-1) for a, b in zip(x, y, strict=True)])
+  return np.array(
+    [
+      structural_similarity(
+        a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=2.0, channel_axis=-1
+      )
+      for a, b in zip(x, y, strict=True)
+    ]
+  )
 
 
 def test_ssim_matches_scikit_image():
@@ -123,7 +129,8 @@ def test_last_layer_grads_equal_the_full_gradient_restricted_to_conv_out(small_m
   lcfg = step_lib.loss_config(cfg)
   x_rec, h, _, _ = step_lib.reconstruct(model, params, x)
   nll_grad, gan_grad = jax.jit(lambda p, h: step_lib.last_layer_grads(model, p, h, x, disc, disc_params, lcfg))(
-      params, h)
+    params, h
+  )
 
   def full(p, term):
     rec = step_lib.reconstruct(model, p, x)[0]

@@ -22,8 +22,18 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 # Two levels of 8 and 16 channels at 16 px: every code path of the trainer, compiled in seconds.
-SMALL = dict(widths=(8, 16), layers_per_block=1, resolution=16, batch_size=4, lr=3e-3, warmup_steps=0,
-             scale_images=32, eval_images=8, log_every=1, checkpoint_every=4)
+SMALL = dict(
+  widths=(8, 16),
+  layers_per_block=1,
+  resolution=16,
+  batch_size=4,
+  lr=3e-3,
+  warmup_steps=0,
+  scale_images=32,
+  eval_images=8,
+  log_every=1,
+  checkpoint_every=4,
+)
 
 
 def _restored_params(workdir, cfg):
@@ -39,8 +49,7 @@ def _restored_params(workdir, cfg):
 def trained(tmp_path_factory):
   """One small run through `ensure_autoencoder` (with a GAN and the structure loss from step 6)."""
   cache = str(tmp_path_factory.mktemp('ae_cache'))
-  settings = dict(SMALL, steps=12, perceptual_weight=0.1, disc_weight=0.5, disc_start=6, disc_width=8,
-                  disc_layers=1)
+  settings = dict(SMALL, steps=12, perceptual_weight=0.1, disc_weight=0.5, disc_start=6, disc_width=8, disc_layers=1)
   folder = ensure_autoencoder(cache, **settings)
   return cache, settings, folder
 
@@ -147,12 +156,29 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 
 def test_command_line_and_bf16(tmp_path):
   """The config-file command line end to end (a variant and typed overrides), in its own process as it is run."""
-  cmd = [sys.executable, '-m', 'lpl_jax.train_autoencoder', '--config=configs/autoencoder.py:f4',
-         f'--workdir={tmp_path}', '--config.resolution=16', '--config.batch_size=4', '--config.steps=3',
-         '--config.dtype=bfloat16', '--config.log_every=1', '--config.rec_loss=l1+l2', '--config.scale_images=32',
-         '--config.eval_images=8']
-  proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT),
-                        capture_output=True, text=True, timeout=900)
+  cmd = [
+    sys.executable,
+    '-m',
+    'lpl_jax.train_autoencoder',
+    '--config=configs/autoencoder.py:f4',
+    f'--workdir={tmp_path}',
+    '--config.resolution=16',
+    '--config.batch_size=4',
+    '--config.steps=3',
+    '--config.dtype=bfloat16',
+    '--config.log_every=1',
+    '--config.rec_loss=l1+l2',
+    '--config.scale_images=32',
+    '--config.eval_images=8',
+  ]
+  proc = subprocess.run(
+    cmd,
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   info = read_training_info(str(tmp_path / 'export'))
   assert info['step'] == 3 and info['settings']['dtype'] == 'bfloat16' and np.isfinite(info['heldout_psnr'])
