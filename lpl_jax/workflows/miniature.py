@@ -80,30 +80,11 @@ def run(workdir: str, experiments: Mapping[str, Experiment], s: DemoSettings = D
   times = {}
 
   t0 = _stage('1. autoencoder (trained on the embedded photographs once, then cached)')
-  ae_folder = ensure_autoencoder(
-    os.path.join(workdir, 'autoencoder'), resolution=RESOLUTION, widths=s.ae_widths, steps=s.ae_steps, seed=s.seed
-  )
-  info = read_training_info(ae_folder) or {}
-  print(f'   {ae_folder}: held-out PSNR {info.get("heldout_psnr", float("nan")):.2f} dB')
+  ae_folder, info = autoencoder_stage(os.path.join(workdir, 'autoencoder'), s)
   times['autoencoder'] = _done(t0)
 
   t0 = _stage('2. latents of the photographs into a latent cache')
-  cache = os.path.join(workdir, 'latents')
-  if not os.path.isfile(os.path.join(cache, 'index.json')):
-    model, params = from_diffusers(ae_folder)
-    source = data_lib.make_source('embedded', num_samples=s.cache_samples)
-    data_lib.encode_to_cache(
-      source,
-      model,
-      params,
-      cache,
-      resolution=RESOLUTION,
-      batch_size=64,
-      store_std=True,
-      random_crop=True,
-      seed=s.seed,
-      overwrite=True,
-    )
+  cache = cache_stage(os.path.join(workdir, 'latents'), ae_folder, s)
   times['cache'] = _done(t0)
 
   def config(variant, steps):
@@ -139,11 +120,7 @@ def run(workdir: str, experiments: Mapping[str, Experiment], s: DemoSettings = D
   times['sampling'] = _done(t0)
 
   t0 = _stage('6. metrics against real crops (small-domain features: NOT Inception-FID)')
-  extractor = os.path.join(workdir, 'small_domain_extractor.npz')
-  if os.path.isfile(extractor):
-    ext_params = small_domain.load_params(extractor)
-  else:
-    ext_params, _ = small_domain.train_small_domain_extractor(steps=s.extractor_steps, seed=s.seed, path=extractor)
+  ext_params = extractor_stage(os.path.join(workdir, 'small_domain_extractor.npz'), s)
   metrics = {name: image_metrics(ext_params, real, images) for name, images in samples.items()}
   spectra = {name: eval_lib.radial_power_spectrum(x) for name, x in dict(real=real, **samples).items()}
   times['metrics'] = _done(t0)
@@ -153,6 +130,42 @@ def run(workdir: str, experiments: Mapping[str, Experiment], s: DemoSettings = D
   _done(t0)
   print(f'\nreport: {path}')
   return path
+
+
+def autoencoder_stage(cache_dir: str, s: DemoSettings) -> tuple[str, dict]:
+  """`(diffusers folder, its training info)` of the demo's autoencoder, trained on first use."""
+  folder = ensure_autoencoder(cache_dir, resolution=RESOLUTION, widths=s.ae_widths, steps=s.ae_steps, seed=s.seed)
+  info = read_training_info(folder) or {}
+  print(f'   {folder}: held-out PSNR {info.get("heldout_psnr", float("nan")):.2f} dB')
+  return folder, info
+
+
+def cache_stage(cache: str, ae_folder: str, s: DemoSettings) -> str:
+  """The latent cache of `s.cache_samples` random crops (posterior mean and std), written once."""
+  if not os.path.isfile(os.path.join(cache, 'index.json')):
+    model, params = from_diffusers(ae_folder)
+    source = data_lib.make_source('embedded', num_samples=s.cache_samples)
+    data_lib.encode_to_cache(
+      source,
+      model,
+      params,
+      cache,
+      resolution=RESOLUTION,
+      batch_size=64,
+      store_std=True,
+      random_crop=True,
+      seed=s.seed,
+      overwrite=True,
+    )
+  return cache
+
+
+def extractor_stage(path: str, s: DemoSettings):
+  """The small-domain feature extractor's params, trained once and kept at `path`."""
+  if os.path.isfile(path):
+    return small_domain.load_params(path)
+  params, _ = small_domain.train_small_domain_extractor(steps=s.extractor_steps, seed=s.seed, path=path)
+  return params
 
 
 def real_images(num: int, seed: int) -> np.ndarray:
@@ -182,7 +195,23 @@ def image_metrics(ext_params, real: np.ndarray, fake: np.ndarray) -> dict[str, f
 
 
 def write_report(workdir, s, ae_folder, ae_info, samples, real, metrics, spectra, workdirs, times) -> str:
-  figs = os.path.join(workdir, 'figures')
+  """`<workdir>/report.md` with its figures in `<workdir>/figures/`, and `<workdir>/metrics.json`."""
+  write_figures(os.path.join(workdir, 'figures'), s, ae_folder, samples, real, spectra, workdirs)
+  spec_err = {
+    n: float(np.mean(np.abs(eval_lib.log_spectrum_difference(spectra[n], spectra['real']))))
+    for n in ('baseline', 'LPL')
+  }
+  path = os.path.join(workdir, 'report.md')
+  with open(path, 'w') as f:
+    f.write('\n'.join(report_lines(s, ae_folder, ae_info, metrics, spec_err, times)) + '\n')
+  with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
+    json.dump({'metrics': metrics, 'spectrum_error': spec_err, 'seconds': times}, f, indent=2)
+  return path
+
+
+def write_figures(figs, s, ae_folder, samples, real, spectra, workdirs) -> None:
+  """Sample grids side by side, loss curves, power-spectrum differences, and the decoder's feature maps of a real
+  crop with the outlier masks LPL would apply to them."""
   os.makedirs(figs, exist_ok=True)
   report.side_by_side(
     {'real crops': real[:16], 'baseline (no LPL)': samples['baseline'][:16], 'with LPL': samples['LPL'][:16]},
@@ -207,10 +236,9 @@ def write_report(workdir, s, ae_folder, ae_info, samples, real, metrics, spectra
   taps = report.features_and_masks(model, params, model.scale_latents(mean), lcfg)
   report.feature_mask_figure(taps, os.path.join(figs, 'decoder_features_outliers.png'), image=x[0])
 
-  spec_err = {
-    n: float(np.mean(np.abs(eval_lib.log_spectrum_difference(spectra[n], spectra['real']))))
-    for n in ('baseline', 'LPL')
-  }
+
+def report_lines(s, ae_folder, ae_info, metrics, spec_err, times) -> list[str]:
+  """The markdown of the report: setup, the metrics of both branches, the figures, the time of each stage."""
   rows = [
     ('Frechet distance, small-domain features (lower is better; NOT Inception-FID)', 'frechet_small_domain', '{:.3f}'),
     ('precision (k=3)', 'precision', '{:.3f}'),
@@ -272,9 +300,4 @@ def write_report(workdir, s, ae_folder, ae_info, samples, real, metrics, spectra
     '|---|---|',
   ]
   lines += [f'| {k} | {v:.0f} |' for k, v in times.items()]
-  path = os.path.join(workdir, 'report.md')
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
-    json.dump({'metrics': metrics, 'spectrum_error': spec_err, 'seconds': times}, f, indent=2)
-  return path
+  return lines
