@@ -6,18 +6,7 @@ import numpy as np
 import pytest
 
 from lpl_jax import autoencoder as ae
-
-# A two-level f2 autoencoder: the smallest that has every kind of layer.
-SMALL = ae.AutoencoderConfig(
-  block_out_channels=(8, 16),
-  decoder_block_out_channels=(8, 16),
-  layers_per_block=1,
-  decoder_layers_per_block=1,
-  latent_channels=4,
-  norm_num_groups=4,
-  scaling_factor=0.5,
-  shift_factor=0.1,
-)
+from tests.autoencoder.common import SMALL
 
 
 def host_params(model, seed):

@@ -12,21 +12,9 @@ import pytest
 
 from lpl_jax import autoencoder as ae
 from lpl_jax import data
+from tests.autoencoder.common import SMALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# A two-level autoencoder (f=2) that compiles in seconds; scaling and shift are not 1 and 0, so that a cache that
-# forgot to scale (or scaled twice) would be caught.
-SMALL = ae.AutoencoderConfig(
-  block_out_channels=(8, 16),
-  decoder_block_out_channels=(8, 16),
-  layers_per_block=1,
-  decoder_layers_per_block=1,
-  latent_channels=4,
-  norm_num_groups=4,
-  scaling_factor=0.5,
-  shift_factor=0.1,
-)
 
 
 def pipeline(source, **kw):
