@@ -1,5 +1,6 @@
 """`make demo` end to end at the smallest settings: every stage runs, the report carries both branches' measured
-metrics and its figures, and a second run reuses what the first one finished; the command line runs it."""
+metrics and its figures, and a second run reuses what the first one finished. The first run is the command `make demo`
+runs (`python -m lpl_jax.demo`), the second the library call (`lpl_jax.workflows.miniature.run`)."""
 
 import json
 import os
@@ -23,8 +24,18 @@ def _run(workdir):
 
 @pytest.mark.slow
 def test_demo_quick_writes_the_report(tmp_path, capsys):
-  path = _run(tmp_path)
-  assert path == str(tmp_path / 'report.md')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  proc = subprocess.run(
+    [sys.executable, '-m', 'lpl_jax.demo', f'--workdir={tmp_path}', '--quick'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  path = str(tmp_path / 'report.md')
+  assert f'report: {path}' in proc.stdout
   text = open(path).read()
   for figure in (
     'samples.png',
@@ -44,27 +55,11 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
   lpl_rows = [json.loads(line).get('lpl/rows', 0) for line in open(tmp_path / 'post_lpl' / 'metrics.jsonl')]
   assert max(lpl_rows) > 0
   assert all('loss/lpl' not in json.loads(line) for line in open(tmp_path / 'post_baseline' / 'metrics.jsonl'))
-  assert f'report: {path}' in capsys.readouterr().out
   # A second run recomputes only samples, metrics and the report: nothing trained is written again.
   trained = [tmp_path / 'latents' / 'index.json'] + [
     p for p in tmp_path.glob('**/*') if p.is_file() and ('checkpoints' in p.parts or 'export' in p.parts)
   ]
   before = {p: p.stat().st_mtime_ns for p in trained}
-  _run(tmp_path)
+  assert _run(tmp_path) == path
+  assert f'report: {path}' in capsys.readouterr().out
   assert {p: p.stat().st_mtime_ns for p in trained} == before
-
-
-@pytest.mark.slow
-def test_demo_command_line(tmp_path):
-  """`python -m lpl_jax.demo --quick` runs every stage and prints the report's path (`make demo` runs it)."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
-  proc = subprocess.run(
-    [sys.executable, '-m', 'lpl_jax.demo', f'--workdir={tmp_path}', '--quick'],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=1800,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f'report: {tmp_path / "report.md"}' in proc.stdout and os.path.isfile(tmp_path / 'report.md')

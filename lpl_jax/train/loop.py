@@ -168,12 +168,12 @@ def _encode_fn(run: Run):
   return encode
 
 
-def _batches(run: Run, data_iter: Any):
+def _batches(run: Run, data_iter: Any, start: int):
   """`(step batch on the mesh, data iterator state after it)` forever; images are encoded to latents on the way."""
   encode = None if run.exp.data.kind == 'cache' else _encode_fn(run)
   data_key = jax.random.fold_in(jax.random.key(run.exp.seed), 1)
   keep = ('latents', 'context') if run.exp.model.text else ('latents', 'labels', 'images')
-  step = 0
+  step = start  # the posterior draw of step s is keyed by s: a resumed run draws what an uninterrupted one does
   while True:
     local = next(data_iter)
     if run.exp.model.text:
@@ -213,7 +213,7 @@ def train_and_evaluate(exp: Experiment, workdir: str) -> dict[str, float]:
   )
   preempt = PreemptionWatch()
   try:
-    state, stopped = _steps(run, state, start, _batches(run, data_iter), ckpt, logger, preempt, outdir)
+    state, stopped = _steps(run, state, start, _batches(run, data_iter, start), ckpt, logger, preempt, outdir)
     if not stopped and (start < exp.total_steps or not os.path.isdir(os.path.join(outdir, 'samples'))):
       write_samples(run, state, os.path.join(outdir, 'samples', f'{exp.total_steps:08d}.png'))
     return logger.last
