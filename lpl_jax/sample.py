@@ -19,7 +19,8 @@ from absl import app, flags
 from lpl_jax.cli import USER_ERRORS, parse_flags_or_exit, run_or_exit, setup_logging
 from lpl_jax.eval.report import save_grid
 from lpl_jax.train import build
-from lpl_jax.train.config import load_run, validate
+from lpl_jax.train.config import load_run
+from lpl_jax.train.validate import validate
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run (holds config.json and checkpoints/).', required=True)
 _STEP = flags.DEFINE_integer('step', -1, 'Checkpoint step; -1 = the latest.')

@@ -1,6 +1,6 @@
 """Training: state, optimizer and EMA, the pure train step, mesh and shardings, checkpoints; the typed experiment
-config (`train.config`), the objects it describes (`train.build`) and the loop (`train.loop`); the autoencoder
-trainer (`train.autoencoder`)."""
+config (`train.config`, checked by `train.validate`), the objects it describes (`train.build`) and the loop
+(`train.loop`); the autoencoder trainer (`train.autoencoder`)."""
 
 from lpl_jax.train.errors import ConfigError, NonFiniteLossError
 from lpl_jax.train.sharding import (

@@ -1,11 +1,12 @@
 """The experiment, typed: one frozen dataclass per section of a config file, built once from the `ml_collections`
-config (`Experiment.from_config_dict`) and checked in one place (`validate`).
+config (`Experiment.from_config_dict`), and the library objects its sections describe (the formulation, timestep
+sampler, `LPLConfig` and the step's `StepConfig`); `train.validate` checks it in one place.
 
 The entry points are the only code that reads a `ConfigDict`; everything below them takes an `Experiment`. Every
 field is declared, with its value, in `configs/common.py` (`base()`), which the config files start from;
 docs/configs.md describes each one. A section's values that the library's own constructors check (`OptimConfig`,
 `LPLConfig`, `StepConfig`, `TimestepSampler`, formulations) are checked by building those objects here, with the
-error named by its config section, not a second time.
+error named by its config section (`from_section`), not a second time.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from lpl_jax import autoencoder as ae_lib
 from lpl_jax import diffusion
 from lpl_jax import lpl as lpl_lib
 from lpl_jax.train.errors import ConfigError
-from lpl_jax.train.sharding import mesh_shape
 from lpl_jax.train.state import OptimConfig
 from lpl_jax.train.step import StepConfig
 
@@ -243,7 +243,7 @@ def _build(cls: type, tree: Mapping[str, Any], prefix: str) -> Any:
       if not isinstance(value, Mapping):
         raise ConfigError(f'{prefix}{f.name} is a section; got the value {value!r}.')
       if hint is OptimConfig:  # the library's dataclass, which checks its own values
-        kwargs[f.name] = _built(
+        kwargs[f.name] = from_section(
           prefix + f.name,
           lambda h=hint, v=value, p=f'{prefix}{f.name}.': h(
             **{k: _coerce(x, typing.get_type_hints(h)[k], p + k) for k, x in v.items()}
@@ -267,15 +267,16 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
   return value
 
 
-# --- validation -----------------------------------------------------------------------------------------------
+# --- the library objects a section describes ------------------------------------------------------------------
 
 
-def _check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: str) -> None:
+  """Raises a ConfigError with `msg` unless `cond`."""
   if not cond:
     raise ConfigError(msg)
 
 
-def _built(section: str, make: Callable[[], Any]) -> Any:
+def from_section(section: str, make: Callable[[], Any]) -> Any:
   """A library object from a section's values; its own ValueError becomes a ConfigError naming the section."""
   try:
     return make()
@@ -289,12 +290,12 @@ def autoencoder_config(section: AutoencoderSection) -> ae_lib.AutoencoderConfig:
   """The autoencoder's architecture: read from the weights folder, else the preset's."""
   if section.weights and os.path.isdir(section.weights):
     return ae_lib.read_config(section.weights)
-  _check(section.preset in ae_lib.PRESETS, f'autoencoder.preset={section.preset!r}; known: {sorted(ae_lib.PRESETS)}.')
+  check(section.preset in ae_lib.PRESETS, f'autoencoder.preset={section.preset!r}; known: {sorted(ae_lib.PRESETS)}.')
   return ae_lib.PRESETS[section.preset]
 
 
 def formulation(section: DiffusionSection) -> diffusion.Formulation:
-  return _built(
+  return from_section(
     'diffusion',
     lambda: diffusion.get_formulation(
       section.formulation,
@@ -307,7 +308,7 @@ def formulation(section: DiffusionSection) -> diffusion.Formulation:
 
 
 def timestep_sampler(section: DiffusionSection, form: diffusion.Formulation) -> diffusion.TimestepSampler:
-  return _built(
+  return from_section(
     'diffusion',
     lambda: diffusion.TimestepSampler(
       kind=section.timesteps,
@@ -324,7 +325,7 @@ def lpl_config(section: LPLSection) -> lpl_lib.LPLConfig | None:
   """The loss config: the preset with the fields the section sets; None when LPL is off."""
   if not section.enabled:
     return None
-  return _built(
+  return from_section(
     'lpl',
     lambda: lpl_lib.LPLConfig.from_preset(
       section.preset, weight=section.weight, tau=section.tau, remat=section.remat, num_blocks=section.num_blocks
@@ -350,7 +351,7 @@ def step_config(exp: Experiment, *, num_devices: int | None = None) -> StepConfi
     rows = sampler.split(
       form, lpl_lib.noise_level_threshold(loss, exp.data.resolution), exp.data.global_batch // groups
     )
-  return _built(
+  return from_section(
     'lpl',
     lambda: StepConfig(
       form,
@@ -374,152 +375,6 @@ def latent_shape(exp: Experiment) -> tuple[int, int, int]:
   ae_cfg = autoencoder_config(exp.autoencoder)
   side = exp.data.resolution // ae_cfg.downsample_factor
   return side, side, ae_cfg.latent_channels
-
-
-def validate(
-  exp: Experiment, *, num_devices: int | None = None, process_count: int | None = None, check_files: bool = True
-) -> None:
-  """Every inconsistency that can be found without running anything, each with a message naming the field.
-
-  Args:
-    num_devices, process_count: of the job (default: this one's).
-    check_files: also check what needs the files the config names (weights, latent cache, init checkpoint).
-
-  Raises:
-    ConfigError: the first problem found.
-  """
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  process_count = jax.process_count() if process_count is None else process_count
-  _check_loop(exp)
-  _check_data_and_model(exp)
-  _check_sampling(exp)
-  ae_cfg = autoencoder_config(exp.autoencoder)
-  _check_shapes(exp, ae_cfg)
-  if exp.data.kind == 'cache' and check_files:
-    _check_cache(exp, ae_cfg)
-  _check_batch(exp, num_devices, process_count)
-  loss = lpl_config(exp.lpl)
-  if loss is not None:  # the decoder is deep enough (the check make_features_fn makes when the step is traced)
-    _built('lpl', lambda: lpl_lib.make_features_fn(ae_lib.AutoencoderKL(ae_cfg), None, loss))
-  if check_files:
-    _check_files(exp)
-  cfg = step_config(exp, num_devices=num_devices)
-  if exp.lpl.enabled:
-    group = exp.data.global_batch // cfg.lpl_groups
-    mass = cfg.sampler.mass_below(cfg.formulation, lpl_lib.noise_level_threshold(cfg.lpl, exp.data.resolution))
-    _check(
-      cfg.lpl_rows_per_group > 0,
-      f'lpl.enabled but no row gets LPL: groups of {group} rows (data.global_batch / lpl.groups) times the '
-      f'{mass:.3f} of timesteps below the noise threshold (lpl.tau={exp.lpl.tau} at {exp.data.resolution} px) '
-      'is under one row; use fewer, larger groups (lpl.groups) or a larger batch.',
-    )
-
-
-def _check_loop(exp: Experiment) -> None:
-  for name in ('total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'num_sample_images'):
-    _check(getattr(exp, name) > 0, f'{name}={getattr(exp, name)}; expected > 0.')
-  _check(exp.sample_every >= 0, f'sample_every={exp.sample_every}; expected >= 0 (0: at the end only).')
-
-
-def _check_data_and_model(exp: Experiment) -> None:
-  d, m = exp.data, exp.model
-  _check(
-    d.kind in DATA_KINDS, f"data.source={d.source!r}; expected 'embedded', 'folder:PATH', 'tfds:NAME' or 'cache:PATH'."
-  )
-  _check(d.latent_sampling in ('sample', 'mean'), f"data.latent_sampling={d.latent_sampling!r}; 'sample' or 'mean'.")
-  _check(d.global_batch > 0, f'data.global_batch={d.global_batch}; expected > 0.')
-  _check(m.kind in MODEL_KINDS, f'model.kind={m.kind!r}; expected one of {MODEL_KINDS}.')
-  for field, value in (('model.dtype', m.dtype), ('autoencoder.dtype', exp.autoencoder.dtype)):
-    _check(value in DTYPES, f'{field}={value!r}; expected one of {sorted(DTYPES)}.')
-  _check(
-    m.hidden_size % m.num_heads == 0,
-    f'model.hidden_size={m.hidden_size} is not a multiple of model.num_heads={m.num_heads}.',
-  )
-  if m.text:
-    _check(m.kind == 'mmdit', 'text conditioning (model.context_dim > 0) needs model.kind = mmdit.')
-    _check(m.context_len > 0, 'text conditioning needs model.context_len (tokens per caption) > 0.')
-    _check(
-      d.kind == 'cache',
-      "text conditioning reads precomputed text embeddings from a latent cache (data.source = 'cache:PATH').",
-    )
-
-
-def _check_sampling(exp: Experiment) -> None:
-  form = formulation(exp.diffusion)
-  timestep_sampler(exp.diffusion, form)
-  s = exp.sample
-  _check(s.sampler in diffusion.SAMPLERS, f'sample.sampler={s.sampler!r}; known: {diffusion.SAMPLERS}.')
-  _check(
-    form.is_flow == (s.sampler in ('euler', 'heun', 'rk4')),
-    f'sample.sampler={s.sampler!r} does not fit diffusion.formulation={exp.diffusion.formulation!r} (flows '
-    'take euler/heun/rk4, DDPM formulations ddim/ddpm).',
-  )
-
-
-def _check_shapes(exp: Experiment, ae_cfg: ae_lib.AutoencoderConfig) -> None:
-  factor, res = ae_cfg.downsample_factor, exp.data.resolution
-  _check(
-    res % factor == 0, f"data.resolution={res} is not a multiple of the autoencoder's downsampling factor {factor}."
-  )
-  latent = res // factor
-  _check(
-    latent % exp.model.patch_size == 0,
-    f'the {latent}x{latent} latents (data.resolution={res} / {factor}) do '
-    f'not split into model.patch_size={exp.model.patch_size} patches.',
-  )
-
-
-def _check_cache(exp: Experiment, ae_cfg: ae_lib.AutoencoderConfig) -> None:
-  from lpl_jax.data import read_index
-
-  index = read_index(exp.data.location)
-  shape, expected = tuple(index['latent_shape']), latent_shape(exp)
-  _check(
-    shape == expected,
-    f'the latent cache holds {shape} latents but data.resolution={exp.data.resolution} with '
-    f'this autoencoder gives {expected}.',
-  )
-  if exp.model.text:
-    text, m = index.get('text_shape'), exp.model
-    _check(
-      text is not None and tuple(text) == (m.context_len, m.context_dim),
-      f'model.context_len/context_dim = {(m.context_len, m.context_dim)} but the cache holds text embeddings {text}.',
-    )
-
-
-def _check_batch(exp: Experiment, num_devices: int, process_count: int) -> None:
-  """The global batch over processes, devices, accumulation steps and LPL groups."""
-  b, accum = exp.data.global_batch, exp.step.accum_steps
-  _check(accum >= 1, f'step.accum_steps={accum}; expected >= 1.')
-  _check(
-    b % (num_devices * accum) == 0,
-    f'data.global_batch={b} does not split over {num_devices} devices x step.accum_steps={accum}.',
-  )
-  _check(b % process_count == 0, f'data.global_batch={b} does not split over {process_count} processes.')
-  _built('mesh', lambda: mesh_shape(exp.mesh.data, exp.mesh.fsdp, num_devices))
-  if exp.lpl.enabled:
-    groups = lpl_groups(exp, num_devices)
-    _check(
-      b % groups == 0 and groups % (num_devices * accum) == 0,
-      f'lpl.groups={groups} must divide data.global_batch={b} and be a multiple of devices x accum_steps = '
-      f'{num_devices * accum}.',
-    )
-
-
-def _check_files(exp: Experiment) -> None:
-  weights = exp.autoencoder.weights
-  _check(
-    bool(weights) or exp.autoencoder.allow_random_weights,
-    'autoencoder.weights is empty: name a diffusers-format folder, or set autoencoder.allow_random_weights=True '
-    '(LPL with a random decoder is meaningless outside tests).',
-  )
-  _check(not weights or os.path.isdir(weights), f'autoencoder.weights={weights!r} is not a folder.')
-  init = exp.init.checkpoint
-  _check(
-    init != '' or not exp.init.required,
-    'this is a post-training config: name the pre-training run with --config.init.checkpoint=WORKDIR.',
-  )
-  _check(init == '' or os.path.isdir(init), f'init.checkpoint={init!r} is not a folder.')
 
 
 def load_run(workdir: str) -> Experiment:

@@ -29,10 +29,11 @@ from lpl_jax.autoencoder import AutoencoderKL, sample_posterior
 from lpl_jax.eval.report import save_grid
 from lpl_jax.train import build, sharding
 from lpl_jax.train.checkpoint import Checkpointer, PreemptionWatch
-from lpl_jax.train.config import Experiment, step_config, validate
+from lpl_jax.train.config import Experiment, step_config
 from lpl_jax.train.metrics import MetricLogger
 from lpl_jax.train.state import TrainState, make_optimizer
 from lpl_jax.train.step import StepConfig
+from lpl_jax.train.validate import validate
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ import pytest
 
 from lpl_jax import data as data_lib
 from lpl_jax.train import build
-from lpl_jax.train.config import ConfigError, Experiment, step_config, validate
+from lpl_jax.train.config import ConfigError, Experiment, step_config
+from lpl_jax.train.validate import validate
 from tests.run import common
 
 

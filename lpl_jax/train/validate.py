@@ -1,0 +1,175 @@
+"""One place that checks an `Experiment` before anything compiles: every inconsistency that can be found without
+running anything, each named by its config field. Values that the library's own constructors check are checked by
+building those objects (`train.config.step_config` and friends), their errors named by the config section."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from lpl_jax import autoencoder as ae_lib
+from lpl_jax import diffusion
+from lpl_jax import lpl as lpl_lib
+from lpl_jax.train.config import (
+  DATA_KINDS,
+  DTYPES,
+  MODEL_KINDS,
+  Experiment,
+  autoencoder_config,
+  check,
+  formulation,
+  from_section,
+  latent_shape,
+  lpl_config,
+  lpl_groups,
+  step_config,
+  timestep_sampler,
+)
+from lpl_jax.train.sharding import mesh_shape
+
+
+def validate(
+  exp: Experiment, *, num_devices: int | None = None, process_count: int | None = None, check_files: bool = True
+) -> None:
+  """Every inconsistency that can be found without running anything, each with a message naming the field.
+
+  Args:
+    num_devices, process_count: of the job (default: this one's).
+    check_files: also check what needs the files the config names (weights, latent cache, init checkpoint).
+
+  Raises:
+    ConfigError: the first problem found.
+  """
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  _check_loop(exp)
+  _check_data_and_model(exp)
+  _check_sampling(exp)
+  ae_cfg = autoencoder_config(exp.autoencoder)
+  _check_shapes(exp, ae_cfg)
+  if exp.data.kind == 'cache' and check_files:
+    _check_cache(exp, ae_cfg)
+  _check_batch(exp, num_devices, process_count)
+  loss = lpl_config(exp.lpl)
+  if loss is not None:  # the decoder is deep enough (the check make_features_fn makes when the step is traced)
+    from_section('lpl', lambda: lpl_lib.make_features_fn(ae_lib.AutoencoderKL(ae_cfg), None, loss))
+  if check_files:
+    _check_files(exp)
+  cfg = step_config(exp, num_devices=num_devices)
+  if exp.lpl.enabled:
+    group = exp.data.global_batch // cfg.lpl_groups
+    mass = cfg.sampler.mass_below(cfg.formulation, lpl_lib.noise_level_threshold(cfg.lpl, exp.data.resolution))
+    check(
+      cfg.lpl_rows_per_group > 0,
+      f'lpl.enabled but no row gets LPL: groups of {group} rows (data.global_batch / lpl.groups) times the '
+      f'{mass:.3f} of timesteps below the noise threshold (lpl.tau={exp.lpl.tau} at {exp.data.resolution} px) '
+      'is under one row; use fewer, larger groups (lpl.groups) or a larger batch.',
+    )
+
+
+def _check_loop(exp: Experiment) -> None:
+  for name in ('total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'num_sample_images'):
+    check(getattr(exp, name) > 0, f'{name}={getattr(exp, name)}; expected > 0.')
+  check(exp.sample_every >= 0, f'sample_every={exp.sample_every}; expected >= 0 (0: at the end only).')
+
+
+def _check_data_and_model(exp: Experiment) -> None:
+  d, m = exp.data, exp.model
+  check(
+    d.kind in DATA_KINDS, f"data.source={d.source!r}; expected 'embedded', 'folder:PATH', 'tfds:NAME' or 'cache:PATH'."
+  )
+  check(d.latent_sampling in ('sample', 'mean'), f"data.latent_sampling={d.latent_sampling!r}; 'sample' or 'mean'.")
+  check(d.global_batch > 0, f'data.global_batch={d.global_batch}; expected > 0.')
+  check(m.kind in MODEL_KINDS, f'model.kind={m.kind!r}; expected one of {MODEL_KINDS}.')
+  for field, value in (('model.dtype', m.dtype), ('autoencoder.dtype', exp.autoencoder.dtype)):
+    check(value in DTYPES, f'{field}={value!r}; expected one of {sorted(DTYPES)}.')
+  check(
+    m.hidden_size % m.num_heads == 0,
+    f'model.hidden_size={m.hidden_size} is not a multiple of model.num_heads={m.num_heads}.',
+  )
+  if m.text:
+    check(m.kind == 'mmdit', 'text conditioning (model.context_dim > 0) needs model.kind = mmdit.')
+    check(m.context_len > 0, 'text conditioning needs model.context_len (tokens per caption) > 0.')
+    check(
+      d.kind == 'cache',
+      "text conditioning reads precomputed text embeddings from a latent cache (data.source = 'cache:PATH').",
+    )
+
+
+def _check_sampling(exp: Experiment) -> None:
+  form = formulation(exp.diffusion)
+  timestep_sampler(exp.diffusion, form)
+  s = exp.sample
+  check(s.sampler in diffusion.SAMPLERS, f'sample.sampler={s.sampler!r}; known: {diffusion.SAMPLERS}.')
+  check(
+    form.is_flow == (s.sampler in ('euler', 'heun', 'rk4')),
+    f'sample.sampler={s.sampler!r} does not fit diffusion.formulation={exp.diffusion.formulation!r} (flows '
+    'take euler/heun/rk4, DDPM formulations ddim/ddpm).',
+  )
+
+
+def _check_shapes(exp: Experiment, ae_cfg: ae_lib.AutoencoderConfig) -> None:
+  factor, res = ae_cfg.downsample_factor, exp.data.resolution
+  check(
+    res % factor == 0, f"data.resolution={res} is not a multiple of the autoencoder's downsampling factor {factor}."
+  )
+  latent = res // factor
+  check(
+    latent % exp.model.patch_size == 0,
+    f'the {latent}x{latent} latents (data.resolution={res} / {factor}) do '
+    f'not split into model.patch_size={exp.model.patch_size} patches.',
+  )
+
+
+def _check_cache(exp: Experiment, ae_cfg: ae_lib.AutoencoderConfig) -> None:
+  from lpl_jax.data import read_index
+
+  index = read_index(exp.data.location)
+  shape, expected = tuple(index['latent_shape']), latent_shape(exp)
+  check(
+    shape == expected,
+    f'the latent cache holds {shape} latents but data.resolution={exp.data.resolution} with '
+    f'this autoencoder gives {expected}.',
+  )
+  if exp.model.text:
+    text, m = index.get('text_shape'), exp.model
+    check(
+      text is not None and tuple(text) == (m.context_len, m.context_dim),
+      f'model.context_len/context_dim = {(m.context_len, m.context_dim)} but the cache holds text embeddings {text}.',
+    )
+
+
+def _check_batch(exp: Experiment, num_devices: int, process_count: int) -> None:
+  """The global batch over processes, devices, accumulation steps and LPL groups."""
+  b, accum = exp.data.global_batch, exp.step.accum_steps
+  check(accum >= 1, f'step.accum_steps={accum}; expected >= 1.')
+  check(
+    b % (num_devices * accum) == 0,
+    f'data.global_batch={b} does not split over {num_devices} devices x step.accum_steps={accum}.',
+  )
+  check(b % process_count == 0, f'data.global_batch={b} does not split over {process_count} processes.')
+  from_section('mesh', lambda: mesh_shape(exp.mesh.data, exp.mesh.fsdp, num_devices))
+  if exp.lpl.enabled:
+    groups = lpl_groups(exp, num_devices)
+    check(
+      b % groups == 0 and groups % (num_devices * accum) == 0,
+      f'lpl.groups={groups} must divide data.global_batch={b} and be a multiple of devices x accum_steps = '
+      f'{num_devices * accum}.',
+    )
+
+
+def _check_files(exp: Experiment) -> None:
+  weights = exp.autoencoder.weights
+  check(
+    bool(weights) or exp.autoencoder.allow_random_weights,
+    'autoencoder.weights is empty: name a diffusers-format folder, or set autoencoder.allow_random_weights=True '
+    '(LPL with a random decoder is meaningless outside tests).',
+  )
+  check(not weights or os.path.isdir(weights), f'autoencoder.weights={weights!r} is not a folder.')
+  init = exp.init.checkpoint
+  check(
+    init != '' or not exp.init.required,
+    'this is a post-training config: name the pre-training run with --config.init.checkpoint=WORKDIR.',
+  )
+  check(init == '' or os.path.isdir(init), f'init.checkpoint={init!r} is not a folder.')
