@@ -1,6 +1,8 @@
 """Every config in configs/ builds and validates, and its train step lowers for abstract inputs; bad configs give
 the promised errors before anything compiles."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -85,7 +87,7 @@ def test_the_config_must_declare_every_field_and_no_other():
 
 def test_a_run_config_round_trips_through_json():
   exp = _demo()
-  assert Experiment.from_config_dict(__import__('json').loads(exp.to_json())) == exp
+  assert Experiment.from_config_dict(json.loads(exp.to_json())) == exp
 
 
 def test_files_a_config_names_are_checked(tmp_path):
