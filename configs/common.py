@@ -124,6 +124,8 @@ def base() -> ml_collections.ConfigDict:
     )
   )
   c.sample = ml_collections.ConfigDict(dict(sampler='ddim', steps=50, guidance=1.5, eta=0.0, use_ema=True))
+  # Stop before a diverging step is saved: a loss spike over the running median, a gradient norm over a limit.
+  c.guard = ml_collections.ConfigDict(dict(loss_spike=0.0, window=100, max_grad_norm=0.0))  # 0: off
   return c
 
 

@@ -16,13 +16,14 @@ import jax
 from absl import app, flags
 
 from configs import demo_cpu
-from lpl_jax.cli import parse_flags_or_exit, run_or_exit, setup_logging
+from lpl_jax.cli import define_verbose_flag, parse_flags_or_exit, run_or_exit, setup_logging
 from lpl_jax.train.config import Experiment
 from lpl_jax.workflows import miniature
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Where every stage and the report go.')
 _QUICK = flags.DEFINE_bool('quick', False, 'A few steps per stage (the test suite).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of every stage.')
+_VERBOSE = define_verbose_flag()
 
 
 def main(argv):
@@ -32,7 +33,10 @@ def main(argv):
   settings = miniature.DemoSettings.quick() if _QUICK.value else miniature.DemoSettings()
   experiments = {v: Experiment.from_config_dict(demo_cpu.get_config(v)) for v in miniature.VARIANTS}
   print(f'lpl-jax demo on {jax.device_count()} {jax.devices()[0].platform} device(s), workdir {_WORKDIR.value}')
-  run_or_exit(lambda: miniature.run(_WORKDIR.value, experiments, dataclasses.replace(settings, seed=_SEED.value)))
+  run_or_exit(
+    lambda: miniature.run(_WORKDIR.value, experiments, dataclasses.replace(settings, seed=_SEED.value)),
+    verbose=_VERBOSE.value,
+  )
 
 
 if __name__ == '__main__':

@@ -21,7 +21,7 @@ from absl import app, flags
 
 from lpl_jax import autoencoder as ae
 from lpl_jax import data
-from lpl_jax.cli import USER_ERRORS, parse_flags_or_exit, run_or_exit
+from lpl_jax.cli import USER_ERRORS, define_verbose_flag, parse_flags_or_exit, run_or_exit
 
 _SOURCE = flags.DEFINE_string('source', 'embedded', 'embedded | folder:PATH | tfds:NAME.')
 _SPLIT = flags.DEFINE_string('split', 'train', 'TFDS split (tfds: sources).')
@@ -47,6 +47,7 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'float16'], 'Storage 
 _SHARD_SIZE = flags.DEFINE_integer('shard_size', 4096, 'Records per .npy shard.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing cache at --out.')
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show a progress bar (--noprogress: none).')
+_VERBOSE = define_verbose_flag()
 
 
 @flags.validator('crop_scale', message='--crop_scale takes two numbers, LOW,HIGH (e.g. 0.5,1.0).')
@@ -107,7 +108,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   # An existing cache without --overwrite is the user's to fix, like a missing folder or a bad resolution.
-  path = run_or_exit(encode, USER_ERRORS + (ValueError, FileExistsError))
+  path = run_or_exit(encode, USER_ERRORS + (ValueError, FileExistsError), verbose=_VERBOSE.value)
   print(f'wrote {path}')
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from lpl_jax import eval as lpl_eval
-from lpl_jax.cli import USER_ERRORS, parse_flags_or_exit, run_or_exit
+from lpl_jax.cli import USER_ERRORS, define_verbose_flag, parse_flags_or_exit, run_or_exit
 
 _SAMPLES = flags.DEFINE_string(
   'samples', None, 'ADM-layout .npz of generated images (arr_0 uint8 [N,H,W,3]).', required=True
@@ -44,6 +44,7 @@ _REF_CACHE = flags.DEFINE_string(
   'ref_cache', None, 'Cache of the reference features (.npz with features, mu, sigma); written if missing.'
 )
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars (--noprogress: none).')
+_VERBOSE = define_verbose_flag()
 
 
 def main(argv):
@@ -64,6 +65,7 @@ def main(argv):
       out=_OUT.value,
     ),
     USER_ERRORS + (ValueError, ImportError),
+    verbose=_VERBOSE.value,
   )
   if metrics['num_reference'] is None:
     print('reference has no images: precision/recall/density/coverage need reference features (null).')

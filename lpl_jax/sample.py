@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from lpl_jax.cli import USER_ERRORS, parse_flags_or_exit, run_or_exit, setup_logging
+from lpl_jax.cli import USER_ERRORS, define_verbose_flag, parse_flags_or_exit, run_or_exit, setup_logging
 from lpl_jax.eval.report import save_grid
 from lpl_jax.train import build
 from lpl_jax.train.config import load_run
@@ -35,6 +35,7 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _LABELS = flags.DEFINE_enum('labels', 'cycle', ['cycle', 'random'], 'Class labels: 0, 1, 2, ... or uniform.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder (default <workdir>/samples_<step>).')
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+_VERBOSE = define_verbose_flag()
 
 
 def sample() -> None:
@@ -69,7 +70,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   setup_logging()
-  run_or_exit(sample, USER_ERRORS + (ValueError,))
+  run_or_exit(sample, USER_ERRORS + (ValueError,), verbose=_VERBOSE.value)
 
 
 if __name__ == '__main__':

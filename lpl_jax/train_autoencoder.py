@@ -20,7 +20,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from lpl_jax.cli import USER_ERRORS, flags_parser, run_or_exit, setup_logging
+from lpl_jax.cli import USER_ERRORS, define_verbose_flag, flags_parser, run_or_exit, setup_logging
 from lpl_jax.train.autoencoder import AETrainConfig, ensure_autoencoder, train
 
 # The repository's recipe, wherever the command runs from. It is put on the command line by the flags parser instead
@@ -43,6 +43,7 @@ _CACHE = flags.DEFINE_string(
   'hash>/ unless that already holds a finished export, and prints the export folder.',
 )
 _EXPORT = flags.DEFINE_string('export', None, 'Export folder (default <workdir>/export); not with --cache.')
+_VERBOSE = define_verbose_flag()
 
 
 def train_autoencoder() -> None:
@@ -63,7 +64,7 @@ def main(argv):
   if _CACHE.value and _EXPORT.value:
     raise app.UsageError('--export goes with --workdir; with --cache the export is <cache>/ae-<hash>/export.')
   setup_logging()
-  run_or_exit(train_autoencoder, USER_ERRORS + (ValueError, OSError))
+  run_or_exit(train_autoencoder, USER_ERRORS + (ValueError, OSError), verbose=_VERBOSE.value)
 
 
 if __name__ == '__main__':

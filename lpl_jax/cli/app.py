@@ -6,16 +6,27 @@ import functools
 import logging
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from absl import flags
 
-from lpl_jax.train.errors import ConfigError, NonFiniteLossError
+from lpl_jax.data.errors import DataError
+from lpl_jax.train.errors import ConfigError, DivergedError, WorkdirError
+from lpl_jax.weights import WeightsMismatchError
 
-# Errors that describe the user's input or run (a config, a file, a diverged loss): one line, exit status 2.
-# Anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, NonFiniteLossError, FileNotFoundError)
+# Errors that describe the user's input or run (a config, data, weights, the workdir, a diverged loss): one line,
+# exit status 2 (`--verbose` adds the traceback). Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+  ConfigError,
+  DataError,
+  WorkdirError,
+  DivergedError,
+  WeightsMismatchError,
+  FileNotFoundError,
+  PermissionError,
+)
 
 
 def fail(message: Any) -> NoReturn:
@@ -73,9 +84,19 @@ def setup_logging(level: int = logging.INFO) -> None:
   logging.getLogger('absl').setLevel(logging.WARNING)  # orbax logs every save step at INFO through absl
 
 
-def run_or_exit(fn: Callable[[], Any], errors: tuple[type[BaseException], ...] = USER_ERRORS) -> Any:
-  """`fn()`, or one `error:` line and exit status 2 if it raises one of `errors`."""
+def define_verbose_flag() -> flags.FlagHolder:
+  """`--verbose`, for a program to pass to `run_or_exit` (called by the programs: a library module defines no flag)."""
+  return flags.DEFINE_bool('verbose', False, 'On an error in the input, print its traceback too (default: one line).')
+
+
+def run_or_exit(
+  fn: Callable[[], Any], errors: tuple[type[BaseException], ...] = USER_ERRORS, *, verbose: bool = False
+) -> Any:
+  """`fn()`, or one `error:` line and exit status 2 if it raises one of `errors` (after its traceback if
+  `verbose`)."""
   try:
     return fn()
   except errors as e:
+    if verbose:
+      traceback.print_exc()
     fail(one_line(str(e)) if isinstance(e, OSError) else e)

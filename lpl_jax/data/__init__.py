@@ -3,6 +3,7 @@
 
 from lpl_jax.data.cache import LatentCacheSource, LatentCacheWriter, read_index
 from lpl_jax.data.encode import encode_to_cache
+from lpl_jax.data.errors import DataError
 from lpl_jax.data.pipeline import (
   image_stream,
   iterator_state_from_bytes,
@@ -18,6 +19,7 @@ from lpl_jax.data.transforms import CropConfig
 __all__ = [
   'EMBEDDED_PHOTOS',
   'CropConfig',
+  'DataError',
   'EmbeddedSource',
   'ImageFolderSource',
   'LatentCacheSource',

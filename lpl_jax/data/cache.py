@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from lpl_jax.data.errors import DataError
+
 FORMAT = 'lpl_jax.latent_cache'
 VERSION = 1
 INDEX_NAME = 'index.json'
@@ -187,32 +189,77 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
   with open(file) as f:
     index = json.load(f)
   if index.get('format') != FORMAT or index.get('version') != VERSION:
-    raise ValueError(
+    raise DataError(
       f'{file!r} is not a version-{VERSION} {FORMAT} index (format={index.get("format")!r}, '
       f'version={index.get("version")!r}).'
     )
   return index
 
 
+def _check_npy(file: str, what: str, dtype: str, shape: tuple[int, ...]) -> None:
+  """Raises `DataError` unless the .npy header of `file` (the cache's `what`) says `dtype` and `shape` and the file
+  size fits the header; reads only the header."""
+  name, hint = f'latent cache {what} {file!r}', 're-encode or re-copy the cache.'
+  with open(file, 'rb') as f:
+    try:
+      version = np.lib.format.read_magic(f)
+      if version == (1, 0):
+        found_shape, _, found_dtype = np.lib.format.read_array_header_1_0(f)
+      elif version == (2, 0):
+        found_shape, _, found_dtype = np.lib.format.read_array_header_2_0(f)
+      else:
+        raise ValueError(f'unsupported .npy format version {version}')
+    except (ValueError, SyntaxError, EOFError) as e:
+      raise DataError(f'{name} is not a .npy file ({e}); {hint}') from e
+    offset, size = f.tell(), os.fstat(f.fileno()).st_size
+  found = f'{found_dtype} {tuple(found_shape)}'
+  if tuple(found_shape) != tuple(shape) or found_dtype != np.dtype(dtype):
+    raise DataError(
+      f'{name} holds {found} but the index says {np.dtype(dtype)} {tuple(shape)}: it does not match the cache; {hint}'
+    )
+  needed = offset + int(np.prod(found_shape, dtype=np.int64)) * found_dtype.itemsize
+  if size != needed:
+    why = 'the file is truncated or was copied incompletely' if size < needed else 'the file has trailing bytes'
+    raise DataError(f'{name} holds {size} bytes but its header ({found}) needs {needed}: {why}; {hint}')
+
+
 class LatentCacheSource:
   """Records `{'latent': float32 [h, w, C], 'label': int32}` (+ `'latent_std'`, `'text'`) of a latent cache.
 
   `latent` is the scaled posterior mean `(mean - shift_factor) * scaling_factor`, `latent_std` the scaled std; the
-  arrays are memory-mapped on first access (per process: the pickled source carries only the path).
+  arrays are memory-mapped on first access (per process: the pickled source carries only the path). Opening checks
+  every file's .npy header and size against the index (no data is read) and raises `DataError` on a mismatch.
   """
 
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
     self.index = read_index(self.path)
-    self._labels = np.load(os.path.join(self.path, LABELS_NAME))
-    if self._labels.shape != (self.index['count'],):
-      raise ValueError(
-        f'{self.path!r}: labels hold {self._labels.shape} entries, the index says {self.index["count"]}.'
-      )
     missing = [name for name in self._shard_files() if not os.path.isfile(os.path.join(self.path, name))]
     if missing:
       raise FileNotFoundError(f'latent cache {self.path!r} is missing shard files {missing[:4]}.')
+    self._check_files()
+    self._labels = np.load(os.path.join(self.path, LABELS_NAME))
     self._arrays: dict[str, list[np.ndarray]] | None = None
+
+  def _check_files(self) -> None:
+    """Checks every shard's (and the labels') .npy header and file size against the index; reads no data."""
+    index = self.index
+    count, shard_size, num_shards = index['count'], index['shard_size'], index['num_shards']
+    if num_shards != -(-count // shard_size):
+      raise DataError(
+        f'{os.path.join(self.path, INDEX_NAME)!r} is inconsistent: {count} records in shards of {shard_size} need '
+        f'{-(-count // shard_size)} shards, it says {num_shards}; re-encode the cache.'
+      )
+    labels = os.path.join(self.path, LABELS_NAME)
+    if not os.path.isfile(labels):
+      raise FileNotFoundError(f'latent cache {self.path!r} is missing {LABELS_NAME!r}.')
+    _check_npy(labels, 'labels', 'int32', (count,))
+    for kind in self._kinds():
+      dtype = index['text_dtype'] if kind == 'text' else index['dtype']
+      shape = index['text_shape'] if kind == 'text' else index['latent_shape']
+      for shard in range(num_shards):
+        rows = shard_size if shard < num_shards - 1 else count - shard_size * (num_shards - 1)
+        _check_npy(os.path.join(self.path, _shard_name(kind, shard)), 'shard', dtype, (rows, *shape))
 
   def _kinds(self) -> list[str]:
     return ['mean'] + ['std'] * self.has_std + ['text'] * self.has_text

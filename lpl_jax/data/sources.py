@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lpl_jax.data.errors import DataError
 from lpl_jax.data.transforms import to_rgb
 
 
@@ -138,7 +139,7 @@ class ImageFolderSource:
         if loose
         else ''
       )
-      raise ValueError(
+      raise DataError(
         f'image folder {self.root!r} has no images in class sub-folders ({len(classes)} sub-folders '
         f'{classes[:5]}, extensions {list(extensions)}).{hint}'
       )
@@ -159,7 +160,7 @@ class ImageFolderSource:
       with Image.open(path) as img:
         image = np.asarray(img.convert('RGB'))
     except OSError as e:
-      raise OSError(f'cannot decode image {path!r}: {e}') from e
+      raise DataError(f'cannot decode image {path!r}: {e}') from e
     return {'image': image, 'label': self.labels[index]}
 
   def __repr__(self) -> str:

@@ -4,8 +4,12 @@
   stored as raw key data) and `data` (the iterator state, JSON).
 - Saves are asynchronous (the step loop goes on while the arrays are written) and atomic: orbax writes into a
   temporary folder and renames it when complete, so a run killed mid-save leaves the previous checkpoint as the
-  latest. A checkpoint that is present but unreadable (truncated files) is skipped on restore, with a warning, in
-  favour of the one before it.
+  latest. A checkpoint that is present but unreadable (truncated files) is skipped on restore, with a one-line
+  warning, in favour of the one before it.
+- The writer of a run (`quarantine=True`) moves what it cannot use out of orbax's sight, into
+  `<directory>/corrupt/<name>-<UTC time>/`: an unreadable checkpoint when restore skips it, and an interrupted
+  save's leftovers when it opens the folder. Retention (`keep`) and later saves of the same step then never meet
+  them, and nothing is deleted. Readers (sampling, evaluation, post-training's init) leave the folder alone.
 - `PreemptionWatch` turns SIGTERM (a preemptible TPU VM being reclaimed) into a save at the next step boundary; with
   several processes it uses JAX's preemption sync point so that every process saves at the same step.
 """
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -34,6 +40,28 @@ def _to_storable(state: TrainState) -> TrainState:
   return state
 
 
+# Folders that `Checkpointer(quarantine=True)` moves aside, and where to.
+QUARANTINE = 'corrupt'
+_LEFTOVER = re.compile(r'^\d+\.orbax-checkpoint-tmp-.*$')
+
+
+def _cause(error: BaseException, limit: int = 200) -> str:
+  """An exception in one short line (TensorStore's errors carry a whole JSON spec over many lines)."""
+  text = ' '.join(str(error).split())
+  return f'{type(error).__name__}: {text[:limit]}{"..." if len(text) > limit else ""}'
+
+
+def _is_writer() -> bool:
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
 class Checkpointer:
   """Saves and restores `(TrainState, data iterator state)` under `directory`.
 
@@ -43,12 +71,24 @@ class Checkpointer:
       `save(..., force=True)`.
     keep: how many of the latest checkpoints to keep (None = all).
     async_save: write in a background thread (orbax's async checkpointing).
+    quarantine: this is the run's writer: move unreadable checkpoints and interrupted saves to `corrupt/`.
   """
 
-  def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int | None = 3, async_save: bool = True):
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    *,
+    save_every: int,
+    keep: int | None = 3,
+    async_save: bool = True,
+    quarantine: bool = False,
+  ):
     if save_every < 1:
       raise ValueError(f'save_every={save_every}; expected >= 1.')
     self.directory = epath.Path(directory).absolute()
+    self.quarantine = quarantine
+    if quarantine:
+      self._move_leftovers()
     options = ocp.CheckpointManagerOptions(
       save_interval_steps=save_every,
       max_to_keep=keep,
@@ -57,6 +97,37 @@ class Checkpointer:
       cleanup_tmp_directories=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, item_names=('state', 'data'), options=options)
+
+  def _move_leftovers(self) -> None:
+    """Moves an interrupted save's temporary folders aside (before orbax would delete them)."""
+    if _is_writer() and self.directory.is_dir():
+      for path in sorted(self.directory.iterdir()):
+        if _LEFTOVER.match(path.name):
+          self.set_aside(path, 'an interrupted save (a temporary folder orbax never finalised)')
+    _sync('lpl_jax_checkpoint_leftovers')
+
+  def set_aside(self, path: epath.Path, cause: str, *, into: str = QUARANTINE) -> epath.Path | None:
+    """Moves `path` (a step folder or a save's leftovers) to `<directory>/<into>/<name>-<UTC time>` with one log line;
+    returns the new place (process 0; None elsewhere)."""
+    if not _is_writer():
+      return None
+    folder = self.directory / into
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f'{path.name}-{time.strftime("%Y%m%d-%H%M%S", time.gmtime())}'
+    n = 1
+    while target.exists():
+      target, n = folder / f'{path.name}-{time.strftime("%Y%m%d-%H%M%S", time.gmtime())}.{n}', n + 1
+    path.rename(target)
+    log.warning('moved %s to %s: %s.', path, target, cause)
+    return target
+
+  def set_aside_step(self, step: int, cause: str, into: str = QUARANTINE) -> epath.Path | None:
+    """Waits for pending saves, then moves checkpoint `step` out of orbax's sight (see `set_aside`)."""
+    self._manager.wait_until_finished()
+    target = self.set_aside(self.directory / str(step), cause, into=into)
+    _sync(f'lpl_jax_checkpoint_set_aside_{step}')
+    self._manager.reload()
+    return target
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -75,7 +146,8 @@ class Checkpointer:
     `jax.ShapeDtypeStruct`s with shardings).
 
     Args:
-      step: a given step, or None for the latest readable one (unreadable ones are skipped with a warning).
+      step: a given step, or None for the latest readable one (unreadable ones are skipped with a warning, and
+        moved aside when `quarantine`).
 
     Returns:
       `(state, data_state, step)`, or None when there is no checkpoint.
@@ -91,15 +163,25 @@ class Checkpointer:
       except Exception as e:  # any unreadable checkpoint: fall back to the previous one
         if step is not None:
           raise
-        log.warning(
-          'checkpoint %s/%d is unreadable (%s: %s); trying the previous one.', self.directory, s, type(e).__name__, e
-        )
+        if self.quarantine:
+          self.set_aside(self.directory / str(s), f'checkpoint {s} cannot be restored ({_cause(e)})')
+          _sync(f'lpl_jax_checkpoint_quarantine_{s}')
+        else:
+          log.warning('checkpoint %s/%d is unreadable (%s); trying the previous one.', self.directory, s, _cause(e))
         continue
       state = out['state']
       if typed_key:
         impl = None if isinstance(target.rng, jax.ShapeDtypeStruct) else jax.random.key_impl(target.rng)
         state = state.replace(rng=jax.random.wrap_key_data(state.rng, impl=impl))
+      if s != steps[0] and self.quarantine:
+        self._manager.reload()  # forget the steps moved aside
       return state, dict(out['data'] or {}), s
+    if self.quarantine and steps:
+      self._manager.reload()
+      log.warning(
+        'no checkpoint in %s could be restored (all moved to %s/): starting over.', self.directory, QUARANTINE
+      )
+      return None
     if steps and step is None:
       raise RuntimeError(f'none of the checkpoints {steps} in {self.directory} could be restored.')
     return None

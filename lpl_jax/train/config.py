@@ -164,6 +164,16 @@ class SampleSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class GuardSection:
+  """The divergence guard: stop, without saving the step, when `loss/diffusion` exceeds `loss_spike` x its running
+  median over the previous `window` steps, or `grad_norm` exceeds `max_grad_norm` (0 turns each off)."""
+
+  loss_spike: float
+  window: int
+  max_grad_norm: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
   """A whole run. The top-level fields are the loop's; the sections are the pieces it builds."""
 
@@ -185,6 +195,7 @@ class Experiment:
   mesh: MeshSection
   init: InitSection
   sample: SampleSection
+  guard: GuardSection
 
   @classmethod
   def from_config_dict(cls, config: Any) -> Experiment:

@@ -10,19 +10,39 @@ class ConfigError(ValueError):
   """A config that cannot run, named by its field; raised before anything compiles."""
 
 
-class NonFiniteLossError(FloatingPointError):
-  """A logged loss term became NaN or infinite: the run stops without saving that step.
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used: not a folder, not writable, or held by another run."""
+
+
+class DivergedError(FloatingPointError):
+  """The run stopped because its loss or gradients went bad at `step`; that step is not saved.
 
   Attributes:
-    step: the step whose metrics were not finite.
-    terms: the non-finite terms and their values.
+    step: the step whose metrics failed the check.
+    terms: the offending metrics and their values.
+    reason: what failed, in words.
+    checkpoints: what the kept checkpoints hold (set by the train loop once it knows; part of the message).
   """
 
-  def __init__(self, step: int, terms: Mapping[str, float], *, checkpoints: str | None = None):
-    self.step, self.terms = step, dict(terms)
-    values = ', '.join(f'{k} = {v}' for k, v in self.terms.items())
-    where = f' The checkpoints in {checkpoints} are all from earlier steps.' if checkpoints else ''
-    super().__init__(f'step {step}: {values}; stopping without saving this step.{where}')
+  def __init__(self, step: int, terms: Mapping[str, float], reason: str):
+    super().__init__(step, dict(terms), reason)
+    self.step, self.terms, self.reason = step, dict(terms), reason
+    self.checkpoints = ''
+
+  def __str__(self) -> str:
+    tail = f' {self.checkpoints}' if self.checkpoints else ''
+    return f'step {self.step}: {self.reason}; stopping without saving this step.{tail}'
+
+
+class NonFiniteLossError(DivergedError):
+  """A watched metric became NaN or infinite."""
+
+  def __init__(self, step: int, terms: Mapping[str, float]):
+    super().__init__(step, terms, ', '.join(f'{k} = {v}' for k, v in dict(terms).items()))
+
+
+class DivergenceGuardError(DivergedError):
+  """The divergence guard tripped: a loss spike over the running median, or a gradient norm over its limit."""
 
 
 def non_finite(scalars: Mapping[str, float], names: tuple[str, ...] | None = None) -> dict[str, float]:

@@ -1,16 +1,24 @@
 """The training loop: an `Experiment` -> data, state, compiled step; checkpoints, resume, logging, sample grids.
 
 `train_and_evaluate(exp, workdir)` is what `python -m lpl_jax.main` runs. In `workdir` (for a `gs://` workdir
-only the checkpoints; the rest goes to `runs/remote/...` on the host, see `local_output_dir`):
+only the checkpoints and the lock; the rest goes to `runs/remote/...` on the host, see `local_output_dir`):
 
+  lock.json               the running trainer (one writer per workdir, `train.workdir.WorkdirLock`)
   checkpoints/<step>/     orbax checkpoints: train state + data iterator state (resume is exact)
-  metrics.jsonl           one JSON object per logged step
+  checkpoints/corrupt/    what could not be restored, moved aside (an unreadable checkpoint, an interrupted save)
+  checkpoints/suspect/    the checkpoint whose params the step that tripped the divergence guard evaluated
+  metrics.jsonl           one JSON object per logged step, each step once after any restarts
   tensorboard/            TensorBoard event files (tensorboardX)
   samples/<step>.png      sample grids (EMA params by default)
   config.json             the experiment the run was started with
+  previous/<time>/        the history of an earlier run whose checkpoints are gone
+
+Everything the run can check before its first step is checked before anything compiles, in this order: the
+config (`validate`), the workdir and its lock, the data (the first batch is read), the autoencoder's weights.
 
 The loop only waits for the device where it must: metrics of step s are read after step s + 1 was dispatched,
-and at checkpoint steps before the save, so a non-finite loss is caught at its step and never checkpointed.
+and at checkpoint steps before the save, so a step whose loss is non-finite (or trips the guard) is never
+checkpointed.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,9 +37,11 @@ from lpl_jax import data as data_lib
 from lpl_jax.autoencoder import AutoencoderKL, sample_posterior
 from lpl_jax.eval.report import save_grid
 from lpl_jax.train import build, sharding
+from lpl_jax.train import workdir as workdir_lib
 from lpl_jax.train.checkpoint import Checkpointer, PreemptionWatch
 from lpl_jax.train.config import Experiment, step_config
-from lpl_jax.train.metrics import MetricLogger
+from lpl_jax.train.errors import ConfigError, DivergedError, DivergenceGuardError
+from lpl_jax.train.metrics import Guard, MetricLogger, open_history
 from lpl_jax.train.state import TrainState, make_optimizer
 from lpl_jax.train.step import StepConfig
 from lpl_jax.train.validate import validate
@@ -86,12 +97,28 @@ def data_pipeline(exp: Experiment) -> tuple[Any, Any]:
   return source, pipeline
 
 
+def _reading(what: str, fn: Callable[[], Any]) -> Any:
+  """`fn()`, which reads files a config field names; an error reading them becomes a ConfigError naming the field."""
+  try:
+    return fn()
+  except (ConfigError, FileNotFoundError):
+    raise
+  except (ValueError, OSError) as e:
+    raise ConfigError(f'{what}: {" ".join(str(e).split())}') from e
+
+
 def setup(exp: Experiment) -> Run:
-  """Validates the experiment (before anything compiles) and builds the run's pieces, the state freshly
-  initialised."""
+  """Validates the experiment and builds the run's pieces, the state freshly initialised. The data's first batch
+  and the autoencoder's weights are read before anything compiles."""
   validate(exp)
+  return _build(exp)
+
+
+def _build(exp: Experiment) -> Run:
+  source, pipeline = _reading(f'data.source={exp.data.source!r}', lambda: data_pipeline(exp))
+  next(iter(pipeline))  # an unreadable first batch (a bad image, a truncated shard) fails now, not after compiling
   mesh = sharding.make_mesh(exp.mesh.data, exp.mesh.fsdp)
-  ae_model, ae_host = build.load_autoencoder(exp)
+  ae_model, ae_host = _reading(f'autoencoder.weights={exp.autoencoder.weights!r}', lambda: build.load_autoencoder(exp))
   model = build.make_denoiser(exp, ae_model.config.latent_channels)
   step_cfg = step_config(exp)
   optimizer = make_optimizer(step_cfg.optim)
@@ -99,7 +126,6 @@ def setup(exp: Experiment) -> Run:
     build.init_params_fn(exp, model), optimizer, jax.random.key(exp.seed), mesh, fsdp=exp.mesh.shard_params
   )
   step_fn = sharding.jit_train_step(shardings, mesh, model=model, optimizer=optimizer, cfg=step_cfg, ae_model=ae_model)
-  source, pipeline = data_pipeline(exp)
   return Run(
     exp,
     mesh,
@@ -120,7 +146,9 @@ def restore_init(run: Run) -> TrainState:
   init = run.exp.init
   folder = build.checkpoint_folder(init.checkpoint)
   with Checkpointer(folder, save_every=1, async_save=False) as ckpt:
-    restored = ckpt.restore(run.state, step=None if init.step < 0 else init.step)
+    restored = _reading(
+      f'init.checkpoint={init.checkpoint!r}', lambda: ckpt.restore(run.state, step=None if init.step < 0 else init.step)
+    )
   if restored is None:
     raise FileNotFoundError(f'init.checkpoint={init.checkpoint!r} holds no checkpoint.')
   src, _, src_step = restored
@@ -132,19 +160,20 @@ def restore_init(run: Run) -> TrainState:
   )
 
 
-def starting_state(run: Run, ckpt: Checkpointer, data_iter: Any) -> tuple[TrainState, int]:
-  """`(state, step)` to start from: the workdir's latest checkpoint (and its data position), else the init
-  checkpoint of a post-training run, else the fresh state at step 0."""
+def starting_state(run: Run, ckpt: Checkpointer, data_iter: Any) -> tuple[TrainState, int, bool]:
+  """`(state, step, resumed)` to start from: the workdir's latest readable checkpoint (and its data position), else
+  the init checkpoint of a post-training run, else the fresh state at step 0."""
   restored = ckpt.restore(run.state)
   if restored is not None:
     state, data_state, start = restored
     if data_state:
       data_iter.set_state(data_state)
     log.info('resumed from %s at step %d', ckpt.directory, start)
-    return state, start
+    return state, start, True
+  log.info('no checkpoint in %s: starting at step 0', ckpt.directory)
   if run.exp.init.checkpoint:
-    return restore_init(run), 0
-  return run.state, 0
+    return restore_init(run), 0, False
+  return run.state, 0, False
 
 
 def local_output_dir(workdir: str) -> str:
@@ -198,30 +227,84 @@ def write_samples(run: Run, state: TrainState, path: str) -> None:
     save_grid(np.asarray(jax.device_get(images)), path)
 
 
-def train_and_evaluate(exp: Experiment, workdir: str) -> dict[str, float]:
-  """Trains to `total_steps`, resuming from `workdir` if it holds a checkpoint; returns the last logged metrics."""
-  run = setup(exp)
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=exp.checkpoint_every, keep=exp.keep_checkpoints)
+def train_and_evaluate(exp: Experiment, workdir: str, *, force: bool = False) -> dict[str, float]:
+  """Trains to `total_steps`, resuming from `workdir` if it holds a checkpoint; returns the last logged metrics.
+
+  Args:
+    force: take the workdir's lock even if another trainer seems to hold it (its machine was lost).
+
+  Raises:
+    ConfigError, DataError, WorkdirError: before anything compiles.
+    DivergedError: a non-finite loss or a tripped guard; the message says what the kept checkpoints hold.
+  """
+  validate(exp)
+  workdir_lib.prepare(workdir)
+  with workdir_lib.WorkdirLock(workdir, force=force):
+    return _train(_build(exp), workdir)
+
+
+def _train(run: Run, workdir: str) -> dict[str, float]:
+  exp = run.exp
+  ckpt = Checkpointer(
+    os.path.join(workdir, 'checkpoints'), save_every=exp.checkpoint_every, keep=exp.keep_checkpoints, quarantine=True
+  )
   outdir = local_output_dir(workdir)
   os.makedirs(outdir, exist_ok=True)
   data_iter = iter(run.pipeline)
-  state, start = starting_state(run, ckpt, data_iter)
+  state, start, resumed = starting_state(run, ckpt, data_iter)
+  purge_step = open_history(outdir, start, resumed=resumed)
   if jax.process_index() == 0:
     with open(os.path.join(outdir, 'config.json'), 'w') as f:
       f.write(exp.to_json())
+  g = exp.guard
+  guard = Guard(g.loss_spike, g.window, g.max_grad_norm) if g.loss_spike or g.max_grad_norm else None
   logger = MetricLogger(
-    outdir, checkpoints=str(ckpt.directory), start=start, total=exp.total_steps, progress=exp.progress
+    outdir, start=start, total=exp.total_steps, progress=exp.progress, guard=guard, purge_step=purge_step
   )
   preempt = PreemptionWatch()
+  saved: dict[int, dict[str, float]] = {}
   try:
-    state, stopped = _steps(run, state, start, _batches(run, data_iter, start), ckpt, logger, preempt, outdir)
+    state, stopped = _steps(run, state, start, _batches(run, data_iter, start), ckpt, logger, preempt, outdir, saved)
     if not stopped and (start < exp.total_steps or not os.path.isdir(os.path.join(outdir, 'samples'))):
       write_samples(run, state, os.path.join(outdir, 'samples', f'{exp.total_steps:08d}.png'))
     return logger.last
+  except DivergedError as e:
+    ckpt.wait()
+    e.checkpoints = after_divergence(e, ckpt, saved)
+    raise
   finally:
     logger.close()
     ckpt.close()
     preempt.close()
+
+
+def after_divergence(error: DivergedError, ckpt: Checkpointer, saved: dict[int, dict[str, float]]) -> str:
+  """What the kept checkpoints hold after `error` stopped the run, in words; a guard stop first moves the checkpoint
+  whose params the failing step evaluated to `suspect/`, so that the newest one kept was vetted by a later step.
+
+  Args:
+    saved: the metrics logged at the steps this run saved.
+  """
+  moved, steps = '', ckpt.all_steps()
+  if isinstance(error, DivergenceGuardError) and steps and steps[-1] == error.step - 1:
+    target = ckpt.set_aside_step(steps[-1], f'step {error.step} evaluated its params and tripped the guard', 'suspect')
+    moved, steps = (
+      f'Checkpoint {steps[-1]}, whose params step {error.step} evaluated, was moved to {target}. ',
+      steps[:-1],
+    )
+  if not steps:
+    return f'{moved}No checkpoint is left in {ckpt.directory}.'
+  k, m = steps[-1], saved.get(steps[-1], {})
+  held = ', '.join(f'{n} {m[n]:.4g}' for n in ('loss/diffusion', 'grad_norm', 'param_norm') if n in m)
+  held = f' (logged at that step: {held})' if held else ''
+  if k == error.step - 1:
+    verdict = (
+      f'; step {error.step} evaluated its params, so they may be bad too: move it aside to resume from an earlier '
+      'one, and see guard.* in docs/train.md to stop before a diverging step is saved.'
+    )
+  else:
+    verdict = f'; its params passed the checks at step {k + 1}.'
+  return f'{moved}The newest checkpoint is step {k} in {ckpt.directory}{held}{verdict}'
 
 
 def _steps(
@@ -233,8 +316,10 @@ def _steps(
   logger: MetricLogger,
   preempt: PreemptionWatch,
   outdir: str,
+  saved: dict[int, dict[str, float]],
 ) -> tuple[TrainState, bool]:
-  """Steps `start` to `total_steps`; `(state, whether a preemption stopped it)`.
+  """Steps `start` to `total_steps`; `(state, whether a preemption stopped it)`; `saved` gets the metrics of each
+  step saved.
 
   The metrics of a step are read once the next step is dispatched (`pending`), except at checkpoint steps, which
   are read before the save so that a non-finite step is never saved.
@@ -254,6 +339,7 @@ def _steps(
       logger.record(*pending, write=done % exp.log_every == 0 or done == exp.total_steps)
       pending = None
       ckpt.save(done, state, data_state, force=True)
+      saved[done] = logger.recorded[1]
     if exp.sample_every and done % exp.sample_every == 0:
       write_samples(run, state, os.path.join(outdir, 'samples', f'{done:08d}.png'))
     if stop:

@@ -1,32 +1,102 @@
-"""What the loop reports: scalars to `metrics.jsonl` and TensorBoard event files (process 0 only), throughput,
-a progress bar, and the stop on a non-finite loss."""
+"""What the loop reports: scalars to `metrics.jsonl` and TensorBoard event files (process 0 only), throughput, a
+progress bar; the stop on a non-finite loss and the divergence guard; and a history that reads the same after any
+sequence of restarts.
+
+A run's history is the workdir's `metrics.jsonl`, `tensorboard/` and `samples/`. A resumed run starts from its
+checkpoint's step, so whatever was logged after that step is about to be logged again: `open_history` drops those
+rows from `metrics.jsonl` and has TensorBoard purge them (tensorboardX's `purge_step`). A run that starts from step 0
+in a workdir with a history (its checkpoints were deleted) moves the old history to `previous/<UTC time>/`.
+"""
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
+import shutil
+import statistics
 import time
 from typing import Any
 
 import jax
 
-from lpl_jax.train.errors import NonFiniteLossError, non_finite
+from lpl_jax.train.errors import DivergenceGuardError, NonFiniteLossError, non_finite
+
+log = logging.getLogger(__name__)
 
 # The terms whose non-finite value stops a run.
 WATCHED = ('loss/total', 'loss/diffusion', 'loss/lpl', 'grad_norm')
+METRICS_FILE = 'metrics.jsonl'
+HISTORY = (METRICS_FILE, 'tensorboard', 'samples')
+PREVIOUS = 'previous'
+
+
+def logged_steps(workdir: str) -> list[int]:
+  """The steps of `<workdir>/metrics.jsonl`, in file order."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line)['step'] for line in f if line.strip()]
+
+
+def open_history(workdir: str, start: int, *, resumed: bool) -> int | None:
+  """Makes the history of `workdir` end where the run starts (process 0); returns TensorBoard's purge step.
+
+  Args:
+    start: the step the run starts from.
+    resumed: whether it resumed from the workdir's own checkpoint (else it starts a new history at `start`).
+
+  Returns:
+    `start + 1` when resumed (events from that step on are hidden by TensorBoard), else None.
+  """
+  if jax.process_index() != 0:
+    return start + 1 if resumed else None
+  if resumed:
+    path = os.path.join(workdir, METRICS_FILE)
+    if os.path.exists(path):
+      with open(path) as f:
+        lines = [line for line in f if line.strip()]
+      kept = [line for line in lines if json.loads(line)['step'] <= start]
+      if len(kept) < len(lines):
+        with open(path + '.tmp', 'w') as f:
+          f.writelines(kept)
+        os.replace(path + '.tmp', path)
+        log.info('resuming at step %d: dropped %d rows logged after it from %s', start, len(lines) - len(kept), path)
+    return start + 1
+  old = [name for name in HISTORY if os.path.exists(os.path.join(workdir, name))]
+  if old:
+    previous = os.path.join(workdir, PREVIOUS, time.strftime('%Y%m%d-%H%M%S', time.gmtime()))
+    os.makedirs(previous, exist_ok=True)
+    for name in old:
+      shutil.move(os.path.join(workdir, name), os.path.join(previous, name))
+    log.warning(
+      'workdir %s has a history (%s) but no checkpoint to resume from: starting a new one at step %d; the old one '
+      'is in %s.',
+      workdir,
+      ', '.join(old),
+      start,
+      previous,
+    )
+  return None
 
 
 class MetricWriter:
-  """Scalars to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/` (tensorboardX); a no-op off process 0."""
+  """Scalars to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/` (tensorboardX); a no-op off process 0.
 
-  def __init__(self, workdir: str):
+  Args:
+    purge_step: TensorBoard hides the events logged from this step on by earlier writers (a resumed run).
+  """
+
+  def __init__(self, workdir: str, *, purge_step: int | None = None):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter  # heavy: imported where metrics are written
 
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # closed in close()
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')  # closed in close()
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=purge_step)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
@@ -42,21 +112,70 @@ class MetricWriter:
       self._tb.close()
 
 
+class Guard:
+  """The divergence guard, on the host, on every step's metrics (off when both limits are 0).
+
+  A spike is judged on `loss/diffusion`, not `loss/total`: the total jumps by design when LPL switches on at
+  `lpl.start_step`. The running median needs a full `window` of steps of this process's run before it judges.
+
+  Args:
+    loss_spike: stop when `loss/diffusion` exceeds this multiple of the median of the previous `window` steps.
+    window: the running median's length.
+    max_grad_norm: stop when `grad_norm` (before clipping) exceeds it.
+  """
+
+  def __init__(self, loss_spike: float = 0.0, window: int = 100, max_grad_norm: float = 0.0):
+    self.loss_spike, self.max_grad_norm = loss_spike, max_grad_norm
+    self._recent: collections.deque[float] = collections.deque(maxlen=window)
+
+  def check(self, step: int, scalars: dict[str, float]) -> None:
+    """Raises `DivergenceGuardError` when step `step`'s metrics trip a limit."""
+    grad = scalars.get('grad_norm')
+    if self.max_grad_norm > 0 and grad is not None and grad > self.max_grad_norm:
+      raise DivergenceGuardError(
+        step, {'grad_norm': grad}, f'grad_norm = {grad:.4g} is over guard.max_grad_norm = {self.max_grad_norm:g}'
+      )
+    loss = scalars.get('loss/diffusion')
+    if self.loss_spike <= 0 or loss is None:
+      return
+    if len(self._recent) == self._recent.maxlen:
+      median = statistics.median(self._recent)
+      if loss > self.loss_spike * median:
+        raise DivergenceGuardError(
+          step,
+          {'loss/diffusion': loss},
+          f'loss/diffusion = {loss:.4g} is {loss / median:.3g} x the median {median:.4g} of the previous '
+          f'{len(self._recent)} steps (guard.loss_spike = {self.loss_spike:g})',
+        )
+    self._recent.append(loss)
+
+
 class MetricLogger:
-  """Reads a step's metrics from the device, stops on a non-finite loss, and on log steps writes them with the
-  images per second since the previous log step and updates the progress bar.
+  """Reads every step's metrics from the device, stops on a non-finite loss or a tripped guard, and on log steps
+  writes them with the images per second since the previous log step and updates the progress bar.
 
   Args:
     workdir: where `metrics.jsonl` and `tensorboard/` go.
-    checkpoints: named in the non-finite error (the last checkpoint there predates the failing step).
     start, total: the first step of this process's run and the last one (progress bar).
     progress: show a progress bar (process 0 only).
+    guard: the divergence guard (None: only non-finite metrics stop the run).
+    purge_step: see `MetricWriter`.
   """
 
-  def __init__(self, workdir: str, *, checkpoints: str, start: int, total: int, progress: bool):
-    self.writer = MetricWriter(workdir)
-    self.last: dict[str, float] = {}
-    self._checkpoints = checkpoints
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    start: int,
+    total: int,
+    progress: bool,
+    guard: Guard | None = None,
+    purge_step: int | None = None,
+  ):
+    self.writer = MetricWriter(workdir, purge_step=purge_step)
+    self.last: dict[str, float] = {}  # the last written
+    self.recorded: tuple[int, dict[str, float]] | None = None  # the last checked, written or not
+    self._guard = guard
     self._t0, self._rows = time.perf_counter(), 0
     self._bar = None
     if progress and jax.process_index() == 0:
@@ -75,11 +194,14 @@ class MetricLogger:
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
     bad = non_finite(scalars, WATCHED)
     if bad:
-      raise NonFiniteLossError(step, bad, checkpoints=self._checkpoints)
+      raise NonFiniteLossError(step, bad)
+    if self._guard is not None:
+      self._guard.check(step, scalars)
+    self.recorded = (step, scalars)
     if not write:
       return
     dt = time.perf_counter() - self._t0
-    scalars['img_per_s'] = self._rows / dt if dt > 0 else 0.0
+    scalars = dict(scalars, img_per_s=self._rows / dt if dt > 0 else 0.0)
     self._t0, self._rows = time.perf_counter(), 0
     self.writer.write(step, scalars)
     self.last = scalars

@@ -351,6 +351,7 @@ def train_step(
     {
       'loss/total': total,
       'grad_norm': optax.global_norm(grads),
+      'param_norm': optax.global_norm(params),  # after the update: the params a checkpoint of this step holds
       'lr': jnp.asarray(learning_rate(cfg.optim)(state.step), jnp.float32),
     }
   )

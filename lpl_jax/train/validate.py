@@ -72,6 +72,10 @@ def _check_loop(exp: Experiment) -> None:
   for name in ('total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'num_sample_images'):
     check(getattr(exp, name) > 0, f'{name}={getattr(exp, name)}; expected > 0.')
   check(exp.sample_every >= 0, f'sample_every={exp.sample_every}; expected >= 0 (0: at the end only).')
+  g = exp.guard
+  check(g.loss_spike == 0 or g.loss_spike > 1, f'guard.loss_spike={g.loss_spike}; expected 0 (off) or a factor > 1.')
+  check(g.window >= 1, f'guard.window={g.window}; expected >= 1.')
+  check(g.max_grad_norm >= 0, f'guard.max_grad_norm={g.max_grad_norm}; expected >= 0 (0: off).')
 
 
 def _check_data_and_model(exp: Experiment) -> None:

@@ -1,8 +1,10 @@
 """Latent cache: writer/reader layout, atomic writes, posterior sampling, `encode_to_cache` against encoding the
 pipeline's images directly, and `python -m lpl_jax.encode` in subprocesses."""
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -109,6 +111,70 @@ def test_cache_errors(tmp_path):
   os.remove(tmp_path / 'c' / 'std-00001.npy')
   with pytest.raises(FileNotFoundError, match="missing shard files \\['std-00001.npy'\\]"):
     data.LatentCacheSource(tmp_path / 'c')
+
+
+def test_source_checks_every_file_when_opened(tmp_path):
+  path = tmp_path / 'c'
+  mean, std, labels, emb = write(path)  # 10 records in shards of 4: the last holds 2
+  files = {name: (path / name).read_bytes() for name in os.listdir(path)}
+
+  def corrupt_and_open(name, content):
+    (path / name).write_bytes(content)
+    try:
+      data.LatentCacheSource(path)
+    finally:
+      (path / name).write_bytes(files[name])
+
+  shard = path / 'mean-00001.npy'
+  size = len(files['mean-00001.npy'])
+  with pytest.raises(
+    data.DataError,
+    match=f'shard {re.escape(repr(str(shard)))} holds {size - 100} bytes but its '
+    f'header \\(float32 \\(4, 2, 3, 4\\)\\) needs {size}: the file is truncated',
+  ):
+    corrupt_and_open('mean-00001.npy', files['mean-00001.npy'][:-100])
+  with pytest.raises(data.DataError, match='std-00000.npy.* holds .* needs .*: the file has trailing bytes'):
+    corrupt_and_open('std-00000.npy', files['std-00000.npy'] + b'\0' * 8)
+
+  def npy(array):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+  with pytest.raises(
+    data.DataError, match=re.escape("std-00002.npy' holds float32 (3, 2, 3, 4) but the index says float32 (2, 2, 3, 4)")
+  ):
+    corrupt_and_open('std-00002.npy', npy(std[:3]))  # a last shard with a row too many
+  with pytest.raises(
+    data.DataError, match=re.escape("text-00000.npy' holds float16 (4, 3, 8) but the index says float32 (4, 3, 8)")
+  ):
+    corrupt_and_open('text-00000.npy', npy(emb[:4].astype(np.float16)))
+  with pytest.raises(data.DataError, match=re.escape("labels.npy' holds int32 (9,) but the index says int32 (10,)")):
+    corrupt_and_open('labels.npy', npy(labels[:9]))
+  with pytest.raises(data.DataError, match="text-00001.npy' is not a .npy file \\(.*\\); re-encode or re-copy"):
+    corrupt_and_open('text-00001.npy', b'garbage, not an array')
+  with pytest.raises(data.DataError, match="mean-00002.npy' is not a .npy file"):
+    corrupt_and_open('mean-00002.npy', b'')
+  index = json.loads(files['index.json'])
+  with pytest.raises(data.DataError, match='10 records in shards of 4 need 3 shards, it says 2'):
+    corrupt_and_open('index.json', json.dumps(dict(index, num_shards=2)).encode())
+  with pytest.raises(data.DataError, match="is not a version-1 lpl_jax.latent_cache index \\(format='other'"):
+    corrupt_and_open('index.json', json.dumps(dict(index, format='other')).encode())
+
+  # Every file restored: the cache opens and reads the records it was written with.
+  src = data.LatentCacheSource(path)
+  for i in range(10):
+    rec = src[i]
+    np.testing.assert_allclose(rec['latent'], (mean[i] + 0.5) * 2.0, rtol=1e-6)
+    np.testing.assert_allclose(rec['latent_std'], std[i] * 2.0, rtol=1e-6)
+    np.testing.assert_array_equal(rec['text'], emb[i])
+    assert int(rec['label']) == labels[i]
+  # Other layouts pass the check too: float16 storage, no std, no text, one exactly full shard.
+  mean, *_ = write(tmp_path / 'f16', count=8, store_std=False, text=False, dtype='float16')
+  expected = (mean[7].astype(np.float16).astype(np.float32) + 0.5) * 2.0
+  np.testing.assert_allclose(data.LatentCacheSource(tmp_path / 'f16')[7]['latent'], expected, rtol=1e-6)
+  write(tmp_path / 'one', count=4)
+  assert len(data.LatentCacheSource(tmp_path / 'one')) == 4
 
 
 @pytest.fixture(scope='module')

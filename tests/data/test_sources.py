@@ -1,5 +1,8 @@
 """Sources: the embedded photographs, an image folder, TFDS (mock records behind TFDS's real data source), errors."""
 
+import pickle
+import re
+
 import numpy as np
 import pytest
 import skimage.data
@@ -84,12 +87,25 @@ def test_image_folder(tmp_path):
 def test_image_folder_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='does not exist'):
     data.ImageFolderSource(tmp_path / 'missing')
-  with pytest.raises(ValueError, match='has no images in class sub-folders'):
+  with pytest.raises(data.DataError, match='has no images in class sub-folders'):
     data.ImageFolderSource(tmp_path)
   Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / 'loose.png')
   (tmp_path / 'empty_class').mkdir()
   with pytest.raises(ValueError, match='put them in class sub-folders'):
     data.ImageFolderSource(tmp_path)
+
+
+def test_undecodable_image_is_a_data_error(tmp_path):
+  write_folder(tmp_path, {'cls': {'a.png': (8, 8, 'RGB')}})
+  (tmp_path / 'cls' / 'bad.png').write_bytes(b'not an image')
+  src = data.ImageFolderSource(tmp_path)
+  assert src.files == ('cls/a.png', 'cls/bad.png') and src[0]['image'].shape == (8, 8, 3)
+  bad = str(tmp_path / 'cls' / 'bad.png')
+  with pytest.raises(data.DataError, match=f'cannot decode image {re.escape(repr(bad))}: ') as info:
+    src[1]
+  # Grain carries a worker's exception to the main process pickled: it must survive that, message and all.
+  again = pickle.loads(pickle.dumps(info.value))
+  assert type(again) is data.DataError and str(again) == str(info.value) and isinstance(again, ValueError)
 
 
 def write_tfds_metadata(data_dir, name='imagenet2012', splits=(('train', 10), ('validation', 4))):

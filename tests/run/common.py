@@ -1,7 +1,12 @@
-"""Loading experiment config files, as `--config=configs/X.py:variant` does."""
+"""Loading experiment config files, as `--config=configs/X.py:variant` does, and running `python -m lpl_jax.main`
+on the CPU demo config in a subprocess."""
 
 import importlib
+import json
 import os
+import subprocess
+import sys
+import time
 
 from lpl_jax.train.config import Experiment
 
@@ -28,3 +33,66 @@ def experiment(name, variant, **overrides):
 
 def all_variants():
   return [(name, variant) for name in CONFIG_FILES for variant in load(name).VARIANTS]
+
+
+DEMO = os.path.join(CONFIG_DIR, 'demo_cpu.py')
+
+
+def cli_env(cache_dir):
+  """The environment of trainer subprocesses: the CPU, and a shared persistent compilation cache (each config
+  compiles once per session)."""
+  return dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=ROOT,
+    JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
+
+
+def main_cmd(variant, workdir, *overrides):
+  """`python -m lpl_jax.main` on `configs/demo_cpu.py:<variant>`, logging every step, 4 small sample images."""
+  return [
+    sys.executable,
+    '-m',
+    'lpl_jax.main',
+    f'--config={DEMO}:{variant}',
+    f'--workdir={workdir}',
+    '--config.log_every=1',
+    '--config.progress=False',
+    '--config.num_sample_images=4',
+    '--config.sample.steps=2',
+    *overrides,
+  ]
+
+
+def run_main(env, *args, check=True):
+  proc = subprocess.run(main_cmd(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  if check and proc.returncode:
+    raise AssertionError(f'exit {proc.returncode}:\n{proc.stderr[-4000:]}')
+  return proc
+
+
+def logged_steps(workdir):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line)['step'] for line in f if line.strip()]
+
+
+def wait_for_step(proc, workdir, step):
+  deadline = time.time() + 900
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f'the run ended (exit {proc.returncode}) before step {step}')
+    if any(s >= step for s in logged_steps(workdir)):
+      return
+    time.sleep(0.2)
+  raise AssertionError(f'step {step} not reached')
+
+
+def checkpoint_steps(workdir):
+  folder = os.path.join(workdir, 'checkpoints')
+  return sorted(int(s) for s in os.listdir(folder) if s.isdigit()) if os.path.isdir(folder) else []

@@ -17,63 +17,6 @@ from lpl_jax import data as data_lib
 from lpl_jax.train import loop
 from tests.run import common
 
-DEMO = os.path.join(common.CONFIG_DIR, 'demo_cpu.py')
-
-
-@pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  """Subprocesses share a persistent compilation cache: each config compiles once."""
-  cache = tmp_path_factory.mktemp('jax_cache')
-  return dict(
-    os.environ,
-    JAX_PLATFORMS='cpu',
-    PYTHONPATH=common.ROOT,
-    JAX_COMPILATION_CACHE_DIR=str(cache),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-  )
-
-
-def _cmd(variant, workdir, *overrides):
-  return [
-    sys.executable,
-    '-m',
-    'lpl_jax.main',
-    f'--config={DEMO}:{variant}',
-    f'--workdir={workdir}',
-    '--config.log_every=1',
-    '--config.progress=False',
-    '--config.num_sample_images=4',
-    '--config.sample.steps=2',
-    *overrides,
-  ]
-
-
-def _run(env, *args, check=True):
-  proc = subprocess.run(_cmd(*args), cwd=common.ROOT, env=env, capture_output=True, text=True, timeout=900)
-  if check and proc.returncode:
-    raise AssertionError(f'exit {proc.returncode}:\n{proc.stderr[-4000:]}')
-  return proc
-
-
-def _logged_steps(workdir):
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line)['step'] for line in f if line.strip()]
-
-
-def _wait_for_step(proc, workdir, step):
-  deadline = time.time() + 900
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise AssertionError(f'the run ended (exit {proc.returncode}) before step {step}')
-    if any(s >= step for s in _logged_steps(workdir)):
-      return
-    time.sleep(0.2)
-  raise AssertionError(f'step {step} not reached')
-
 
 def _leaves(workdir, step):
   state = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))
@@ -83,7 +26,7 @@ def _leaves(workdir, step):
 @pytest.fixture(scope='module')
 def pretrained(env, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('pretrain')
-  _run(env, 'pretrain', workdir, '--config.total_steps=4', '--config.checkpoint_every=2')
+  common.run_main(env, 'pretrain', workdir, '--config.total_steps=4', '--config.checkpoint_every=2')
   return workdir
 
 
@@ -94,22 +37,22 @@ POST = ('--config.total_steps=8', '--config.checkpoint_every=2')
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(env, pretrained, tmp_path):
   init = f'--config.init.checkpoint={pretrained}'
   ref = tmp_path / 'uninterrupted'
-  _run(env, 'post,lpl', ref, init, *POST)
+  common.run_main(env, 'post,lpl', ref, init, *POST)
   kill_at = int(np.random.default_rng().integers(3, 7))
   killed = tmp_path / 'killed'
   proc = subprocess.Popen(
-    _cmd('post,lpl', killed, init, *POST),
+    common.main_cmd('post,lpl', killed, init, *POST),
     cwd=common.ROOT,
     env=env,
     stdout=subprocess.DEVNULL,
     stderr=subprocess.DEVNULL,
   )
-  _wait_for_step(proc, killed, kill_at)
+  common.wait_for_step(proc, killed, kill_at)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  survived = sorted(int(s) for s in os.listdir(killed / 'checkpoints') if s.isdigit())
+  survived = common.checkpoint_steps(killed)
   assert survived and max(survived) < 8, (kill_at, survived)
-  _run(env, 'post,lpl', killed, init, *POST)
+  common.run_main(env, 'post,lpl', killed, init, *POST)
   ref_leaves, leaves = _leaves(ref, 8), _leaves(killed, 8)
   assert len(ref_leaves) == len(leaves)
   for a, b in zip(ref_leaves, leaves, strict=True):
@@ -137,18 +80,18 @@ def test_post_training_starts_from_the_pretraining_checkpoint(pretrained):
 def test_sigterm_saves_at_the_next_step_and_stops(env, tmp_path):
   workdir = tmp_path / 'preempted'
   proc = subprocess.Popen(
-    _cmd('pretrain', workdir, '--config.total_steps=100000', '--config.checkpoint_every=1000'),
+    common.main_cmd('pretrain', workdir, '--config.total_steps=100000', '--config.checkpoint_every=1000'),
     cwd=common.ROOT,
     env=env,
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
   )
-  _wait_for_step(proc, workdir, 3)
+  common.wait_for_step(proc, workdir, 3)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-3000:]
-  steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
+  steps = common.checkpoint_steps(workdir)
   assert 'preempted: saved step' in err
   assert steps and 3 <= steps[-1] < 1000, steps
   with open(workdir / 'checkpoints' / str(steps[-1]) / 'data' / 'metadata') as f:
@@ -164,7 +107,7 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_the_last_good_checkp
   with data_lib.LatentCacheWriter(cache, resolution=32, scaling_factor=1.0) as w:
     w.add(latents, np.arange(64, dtype=np.int32) % 8)
   workdir = tmp_path / 'nan'
-  proc = _run(
+  proc = common.run_main(
     env,
     'pretrain',
     workdir,
@@ -176,7 +119,10 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_the_last_good_checkp
   )
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert 'step 3: loss/total = nan' in proc.stderr
-  steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
+  # The message says what the kept checkpoint holds, and that step 3 evaluated its params.
+  assert 'The newest checkpoint is step 2' in proc.stderr and 'param_norm' in proc.stderr
+  assert 'step 3 evaluated its params, so they may be bad too' in proc.stderr
+  steps = common.checkpoint_steps(workdir)
   assert steps == [2]
   assert all(np.all(np.isfinite(x)) for x in _leaves(workdir, 2))
 
@@ -191,7 +137,7 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_the_last_good_checkp
 )
 def test_bad_command_line_fails_before_compiling(env, tmp_path, override, message):
   start = time.time()
-  proc = _run(env, 'pretrain', tmp_path / 'w', override, check=False)
+  proc = common.run_main(env, 'pretrain', tmp_path / 'w', override, check=False)
   assert proc.returncode != 0
   assert message in proc.stderr, proc.stderr[-2000:]
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints'), 'nothing may run before the config is checked'

@@ -24,10 +24,12 @@ import numpy as np
 
 from lpl_jax import autoencoder as ae
 from lpl_jax.data import make_image_pipeline, make_source
+from lpl_jax.train import workdir as workdir_lib
 from lpl_jax.train.autoencoder import step as step_lib
 from lpl_jax.train.autoencoder.config import AETrainConfig
 from lpl_jax.train.checkpoint import Checkpointer
 from lpl_jax.train.errors import NonFiniteLossError, non_finite
+from lpl_jax.train.metrics import open_history
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +137,15 @@ def train(
     when stopped early.
 
   Raises:
+    WorkdirError: the workdir is not a writable folder, or another trainer holds it.
     NonFiniteLossError: a logged metric was NaN or infinite; that step is not saved, the earlier checkpoints stay.
   """
-  export_dir = export_dir or os.path.join(workdir, 'export')
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.prepare(workdir)
+  with workdir_lib.WorkdirLock(workdir):
+    return _train(cfg, workdir, export_dir or os.path.join(workdir, 'export'), stop_after)
+
+
+def _train(cfg: AETrainConfig, workdir: str, export_dir: str, stop_after: int | None) -> dict[str, Any]:
   model, disc = step_lib.make_models(cfg)
   optimizer = step_lib.make_optimizer(cfg)
   state = step_lib.create_state(cfg, model, disc, optimizer)
@@ -152,13 +159,16 @@ def train(
       random_flip=True,
     )
   )
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
+  ckpt = Checkpointer(
+    os.path.join(workdir, 'checkpoints'), save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, quarantine=True
+  )
   start = 0
   restored = ckpt.restore(state)
   if restored is not None:
     state, data_state, start = restored
     data.set_state(data_state)
     log.info('resumed from step %d', start)
+  open_history(workdir, start, resumed=restored is not None)
   steps = {gan: step_lib.jit_train_step(cfg, model, disc, optimizer, gan=gan) for gan in {False, bool(disc)}}
   scale_images = _images(cfg, cfg.scale_images, cfg.seed + 1)
   eval_images = _images(cfg, cfg.eval_images, cfg.seed + _EVAL_SEED_OFFSET)
@@ -175,7 +185,9 @@ def train(
         bad = non_finite(metrics)
         if bad:
           ckpt.close()  # waits for the pending saves: every checkpoint left is from a step before this one
-          raise NonFiniteLossError(done, bad, checkpoints=str(ckpt.directory))
+          error = NonFiniteLossError(done, bad)
+          error.checkpoints = f'The checkpoints in {ckpt.directory} are all from earlier steps.'
+          raise error
         log_file.write(json.dumps(dict(step=done, seconds=round(time.time() - t0, 2), **metrics)) + '\n')
         log_file.flush()
         log.info('step %d/%d %s', done, cfg.steps, ' '.join(f'{k}={v:.4g}' for k, v in sorted(metrics.items())))
