@@ -7,11 +7,18 @@ Several hosts (Cloud TPU pods): run the same command on every host; `jax.distrib
 
 One trainer per workdir: a second one started on it stops with an error naming the first (host, PID). If that run
 is gone but its lock looks alive (its machine was lost less than ten minutes ago), `--force` takes the workdir over.
-Errors in the input (config, data, weights, workdir) and a diverged run end with one `error:` line and exit status
-2; `--verbose` prints the traceback too.
+
+Exit status: 0 when `total_steps` is reached; 2 for an error in the input (config, data, weights, workdir) or a
+diverged run, in one `error:` line (`--verbose` prints the traceback too): rerunning fails the same way; 75 when a
+preemption (SIGTERM) stopped the run after saving a checkpoint: rerun the same command to continue. A supervisor
+restarts on anything but 0 and 2. Compiled programs are cached in `<workdir>/compilation_cache` (unless
+$JAX_COMPILATION_CACHE_DIR names another place), so a restart does not compile again.
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 import jax
 from absl import app, flags
@@ -26,8 +33,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go.', required=True)
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (multi-host runs).')
+_CACHE = flags.DEFINE_bool('compilation_cache', True, 'Keep compiled programs in <workdir>/compilation_cache.')
 _FORCE = flags.DEFINE_bool('force', False, "Take the workdir's lock even if another trainer seems to hold it.")
 _VERBOSE = define_verbose_flag()
+PREEMPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint saved; rerun to continue
 
 
 def main(argv):
@@ -38,10 +47,14 @@ def main(argv):
     jax.distributed.initialize()
   if _CONFIG.value is None:
     raise app.UsageError('--config is required.')
-  run_or_exit(
+  if _CACHE.value and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    jax.config.update('jax_compilation_cache_dir', os.path.join(_WORKDIR.value, 'compilation_cache'))
+  outcome = run_or_exit(
     lambda: loop.train_and_evaluate(Experiment.from_config_dict(_CONFIG.value), _WORKDIR.value, force=_FORCE.value),
     verbose=_VERBOSE.value,
   )
+  if not outcome.finished:
+    sys.exit(PREEMPTED)
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ import os
 import jax
 import numpy as np
 from absl import app, flags
+from etils import epath
 
 from lpl_jax.cli import USER_ERRORS, define_verbose_flag, parse_flags_or_exit, run_or_exit, setup_logging
 from lpl_jax.eval.report import save_grid
@@ -55,10 +56,11 @@ def sample() -> None:
     progress=_PROGRESS.value and jax.process_index() == 0,
   )
   out = _OUT.value or os.path.join(_WORKDIR.value, f'samples_{step}')
-  if jax.process_index() == 0:
-    os.makedirs(out, exist_ok=True)
+  if jax.process_index() == 0:  # every process has all the images; one writes them (a local or gs:// folder)
+    epath.Path(out).mkdir(parents=True, exist_ok=True)
     arrays = {'arr_0': images} if ys is None else {'arr_0': images, 'arr_1': ys}
-    np.savez(os.path.join(out, 'samples.npz'), **arrays)
+    with epath.Path(out, 'samples.npz').open('wb') as f:
+      np.savez(f, **arrays)
     save_grid(images[:64], os.path.join(out, 'grid.png'))
     print(
       f'{len(images)} samples of step {step} ({"EMA" if _EMA.value else "raw"} params) -> {out}/samples.npz, '

@@ -3,6 +3,7 @@ curves from `metrics.jsonl`, sample grids side by side. matplotlib, written as P
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from lpl_jax import lpl as lpl_lib
@@ -110,9 +112,12 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
 
 
 def save_grid(images: np.ndarray, path: str, columns: int | None = None) -> str:
-  """uint8 `[N, H, W, 3]` -> one PNG grid at `path` (folders created)."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  Image.fromarray(image_grid(images, columns)).save(path)
+  """uint8 `[N, H, W, 3]` -> one PNG grid at `path`, a local or remote (`gs://`) path (folders created)."""
+  png = io.BytesIO()
+  Image.fromarray(image_grid(images, columns)).save(png, format='PNG')
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(png.getvalue())
   return path
 
 

@@ -13,6 +13,7 @@ from lpl_jax.train.sharding import (
   mesh_shape,
   param_rules,
   replicate,
+  to_host,
 )
 from lpl_jax.train.state import OptimConfig, TrainState, create_state, ema_update, learning_rate, make_optimizer
 from lpl_jax.train.step import StepConfig, lpl_term, stratified_timesteps, train_step
@@ -38,5 +39,6 @@ __all__ = [
   'param_rules',
   'replicate',
   'stratified_timesteps',
+  'to_host',
   'train_step',
 ]

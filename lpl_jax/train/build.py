@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -121,7 +122,7 @@ def lower_train_step(exp: Experiment, mesh: Mesh | None = None) -> Any:
 def checkpoint_folder(workdir: str) -> str:
   """A run's checkpoint folder: `<workdir>/checkpoints`, or `workdir` itself when it is one."""
   inner = os.path.join(workdir, 'checkpoints')
-  return inner if os.path.isdir(inner) else workdir
+  return inner if epath.Path(inner).is_dir() else workdir
 
 
 def restore_state(exp: Experiment, folder: str, model: Any, mesh: Mesh, *, step: int = -1) -> tuple[Any, int]:
@@ -175,7 +176,7 @@ def samples_from_run(
   progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
   """`(uint8 images [num, H, W, 3], class labels [num] or None for text models, checkpoint step)` sampled from a
-  run's checkpoint with the experiment's sampler, batches sharded over all devices.
+  run's checkpoint with the experiment's sampler, batches sharded over all devices; every process gets them all.
 
   Args:
     labels: `'cycle'` (0, 1, 2, ...) or `'random'` (uniform from `seed`) class labels.
@@ -208,7 +209,7 @@ def samples_from_run(
     batch_size=batch_size,
     seed=seed,
     place=lambda x: jax.device_put(x, rows),
-    gather=lambda x: np.asarray(jax.device_get(x)),
+    gather=sharding.to_host,
     progress=progress,
   )
   return images, ys, step

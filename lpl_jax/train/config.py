@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from lpl_jax import autoencoder as ae_lib
 from lpl_jax import diffusion
@@ -389,9 +390,8 @@ def latent_shape(exp: Experiment) -> tuple[int, int, int]:
 
 
 def load_run(workdir: str) -> Experiment:
-  """The experiment a training run was started with (its `config.json`)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
+  """The experiment a training run (a local or remote workdir) was started with (its `config.json`)."""
+  path = epath.Path(workdir) / 'config.json'
+  if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist: the workdir must be a training run of lpl_jax.main.')
-  with open(path) as f:
-    return Experiment.from_config_dict(json.load(f))
+  return Experiment.from_config_dict(json.loads(path.read_text()))

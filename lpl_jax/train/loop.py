@@ -1,7 +1,7 @@
 """The training loop: an `Experiment` -> data, state, compiled step; checkpoints, resume, logging, sample grids.
 
-`train_and_evaluate(exp, workdir)` is what `python -m lpl_jax.main` runs. In `workdir` (for a `gs://` workdir
-only the checkpoints and the lock; the rest goes to `runs/remote/...` on the host, see `local_output_dir`):
+`train_and_evaluate(exp, workdir)` is what `python -m lpl_jax.main` runs. Everything goes to `workdir`, a local
+folder or a `gs://` one alike (through `train.files`; orbax writes the checkpoints):
 
   lock.json               the running trainer (one writer per workdir, `train.workdir.WorkdirLock`)
   checkpoints/<step>/     orbax checkpoints: train state + data iterator state (resume is exact)
@@ -11,6 +11,7 @@ only the checkpoints and the lock; the rest goes to `runs/remote/...` on the hos
   tensorboard/            TensorBoard event files (tensorboardX)
   samples/<step>.png      sample grids (EMA params by default)
   config.json             the experiment the run was started with
+  status.json             running | finished | stopped (preempted: rerun to continue) | failed (with the error)
   previous/<time>/        the history of an earlier run whose checkpoints are gone
 
 Everything the run can check before its first step is checked before anything compiles, in this order: the
@@ -24,19 +25,22 @@ checkpointed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from etils import epath
 
 from lpl_jax import data as data_lib
 from lpl_jax.autoencoder import AutoencoderKL, sample_posterior
+from lpl_jax.data.errors import DataError
 from lpl_jax.eval.report import save_grid
-from lpl_jax.train import build, sharding
+from lpl_jax.train import build, files, sharding
 from lpl_jax.train import workdir as workdir_lib
 from lpl_jax.train.checkpoint import Checkpointer, PreemptionWatch
 from lpl_jax.train.config import Experiment, step_config
@@ -47,6 +51,8 @@ from lpl_jax.train.step import StepConfig
 from lpl_jax.train.validate import validate
 
 log = logging.getLogger(__name__)
+
+STATUS_FILE = 'status.json'
 
 
 @dataclasses.dataclass
@@ -176,16 +182,6 @@ def starting_state(run: Run, ckpt: Checkpointer, data_iter: Any) -> tuple[TrainS
   return run.state, 0, False
 
 
-def local_output_dir(workdir: str) -> str:
-  """Where metrics, TensorBoard events, sample grids and config.json go: the workdir itself, or, for a remote
-  workdir (`gs://...`, where only the checkpoints are written, by orbax), `runs/remote/<bucket path>` on this host."""
-  if '://' not in workdir:
-    return workdir
-  local = os.path.join('runs', 'remote', workdir.split('://', 1)[1].strip('/'))
-  log.warning('workdir %s is remote: checkpoints go there, logs and samples to %s on this host.', workdir, local)
-  return local
-
-
 def _encode_fn(run: Run):
   """Images (global, sharded) -> scaled latents, a posterior sample (from `key`) or the mean."""
   ae_model, sample = run.ae_model, run.exp.data.latent_sampling == 'sample'
@@ -216,19 +212,46 @@ def _batches(run: Run, data_iter: Any, start: int):
 
 
 def write_samples(run: Run, state: TrainState, path: str) -> None:
-  """A grid of `num_sample_images` samples (EMA params unless `sample.use_ema` is off) at `path`."""
+  """A grid of `num_sample_images` samples (EMA params unless `sample.use_ema` is off) at `path`; every process
+  takes part (the images are gathered from all of them), process 0 writes."""
   exp = run.exp
   cond = build.sample_conditions(exp, run.source, exp.num_sample_images)
   params = state.ema_params if exp.sample.use_ema else state.params
   images = run.generate_fn(
     params, run.ae_params, jax.random.fold_in(jax.random.key(exp.seed), 2), {k: jnp.asarray(v) for k, v in cond.items()}
   )
+  images = sharding.to_host(images)
   if jax.process_index() == 0:
-    save_grid(np.asarray(jax.device_get(images)), path)
+    save_grid(images, path)
 
 
-def train_and_evaluate(exp: Experiment, workdir: str, *, force: bool = False) -> dict[str, float]:
-  """Trains to `total_steps`, resuming from `workdir` if it holds a checkpoint; returns the last logged metrics.
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+  """How a call of `train_and_evaluate` ended.
+
+  Attributes:
+    finished: `total_steps` was reached; else a preemption (SIGTERM) stopped the run after saving `step`: run the
+      same command again to continue.
+    step: the last step trained.
+    metrics: the last logged metrics.
+  """
+
+  finished: bool
+  step: int
+  metrics: dict[str, float]
+
+
+def write_status(workdir: str, state: str, step: int, total_steps: int, message: str = '') -> None:
+  """`<workdir>/status.json` (process 0): `running`, `finished`, `stopped` (preempted, rerun to continue) or
+  `failed` (an error to fix first, in `message`); what a supervisor outside the machine reads."""
+  if jax.process_index() == 0:
+    record = dict(state=state, step=step, total_steps=total_steps, time=time.time(), message=message)
+    files.write_text(os.path.join(workdir, STATUS_FILE), json.dumps(record) + '\n')
+
+
+def train_and_evaluate(exp: Experiment, workdir: str, *, force: bool = False) -> Outcome:
+  """Trains to `total_steps`, resuming from `workdir` if it holds a checkpoint. Every output goes to `workdir`,
+  a local folder or `gs://...` alike.
 
   Args:
     force: take the workdir's lock even if another trainer seems to hold it (its machine was lost).
@@ -243,34 +266,40 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, force: bool = False) ->
     return _train(_build(exp), workdir)
 
 
-def _train(run: Run, workdir: str) -> dict[str, float]:
+def _train(run: Run, workdir: str) -> Outcome:
   exp = run.exp
   ckpt = Checkpointer(
     os.path.join(workdir, 'checkpoints'), save_every=exp.checkpoint_every, keep=exp.keep_checkpoints, quarantine=True
   )
-  outdir = local_output_dir(workdir)
-  os.makedirs(outdir, exist_ok=True)
   data_iter = iter(run.pipeline)
   state, start, resumed = starting_state(run, ckpt, data_iter)
-  purge_step = open_history(outdir, start, resumed=resumed)
+  purge_step = open_history(workdir, start, resumed=resumed)
   if jax.process_index() == 0:
-    with open(os.path.join(outdir, 'config.json'), 'w') as f:
-      f.write(exp.to_json())
+    files.write_text(os.path.join(workdir, 'config.json'), exp.to_json())
+  write_status(workdir, 'running', start, exp.total_steps)
   g = exp.guard
   guard = Guard(g.loss_spike, g.window, g.max_grad_norm) if g.loss_spike or g.max_grad_norm else None
   logger = MetricLogger(
-    outdir, start=start, total=exp.total_steps, progress=exp.progress, guard=guard, purge_step=purge_step
+    workdir, start=start, total=exp.total_steps, progress=exp.progress, guard=guard, purge_step=purge_step
   )
   preempt = PreemptionWatch()
   saved: dict[int, dict[str, float]] = {}
+  samples = os.path.join(workdir, 'samples')
   try:
-    state, stopped = _steps(run, state, start, _batches(run, data_iter, start), ckpt, logger, preempt, outdir, saved)
-    if not stopped and (start < exp.total_steps or not os.path.isdir(os.path.join(outdir, 'samples'))):
-      write_samples(run, state, os.path.join(outdir, 'samples', f'{exp.total_steps:08d}.png'))
-    return logger.last
+    state, done = _steps(run, state, start, _batches(run, data_iter, start), ckpt, logger, preempt, workdir, saved)
+    finished = done == exp.total_steps
+    if finished and (start < exp.total_steps or not epath.Path(samples).exists()):
+      write_samples(run, state, os.path.join(samples, f'{exp.total_steps:08d}.png'))
+    ckpt.wait()
+    write_status(workdir, 'finished' if finished else 'stopped', done, exp.total_steps)
+    return Outcome(finished, done, logger.last)
   except DivergedError as e:
     ckpt.wait()
     e.checkpoints = after_divergence(e, ckpt, saved)
+    write_status(workdir, 'failed', e.step, exp.total_steps, str(e))
+    raise
+  except DataError as e:
+    write_status(workdir, 'failed', start, exp.total_steps, str(e))
     raise
   finally:
     logger.close()
@@ -318,8 +347,8 @@ def _steps(
   outdir: str,
   saved: dict[int, dict[str, float]],
 ) -> tuple[TrainState, bool]:
-  """Steps `start` to `total_steps`; `(state, whether a preemption stopped it)`; `saved` gets the metrics of each
-  step saved.
+  """Steps `start` to `total_steps`; `(state, the last step done)`, which is short of `total_steps` when a
+  preemption stopped the run; `saved` gets the metrics of each step saved.
 
   The metrics of a step are read once the next step is dispatched (`pending`), except at checkpoint steps, which
   are read before the save so that a non-finite step is never saved.
@@ -344,7 +373,7 @@ def _steps(
       write_samples(run, state, os.path.join(outdir, 'samples', f'{done:08d}.png'))
     if stop:
       log.warning('preempted: saved step %d, stopping.', done)
-      return state, True
+      return state, done
   if pending is not None:
     logger.record(*pending, write=True)
-  return state, False
+  return state, exp.total_steps

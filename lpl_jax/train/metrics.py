@@ -14,13 +14,14 @@ import collections
 import json
 import logging
 import os
-import shutil
 import statistics
 import time
 from typing import Any
 
 import jax
+from etils import epath
 
+from lpl_jax.train import files
 from lpl_jax.train.errors import DivergenceGuardError, NonFiniteLossError, non_finite
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,14 @@ HISTORY = (METRICS_FILE, 'tensorboard', 'samples')
 PREVIOUS = 'previous'
 
 
+def _rows(workdir: str) -> list[str]:
+  text = files.read_text(os.path.join(workdir, METRICS_FILE))
+  return [line + '\n' for line in (text or '').splitlines() if line.strip()]
+
+
 def logged_steps(workdir: str) -> list[int]:
-  """The steps of `<workdir>/metrics.jsonl`, in file order."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line)['step'] for line in f if line.strip()]
+  """The steps of `<workdir>/metrics.jsonl` (local or remote), in file order."""
+  return [json.loads(line)['step'] for line in _rows(workdir)]
 
 
 def open_history(workdir: str, start: int, *, resumed: bool) -> int | None:
@@ -53,24 +55,19 @@ def open_history(workdir: str, start: int, *, resumed: bool) -> int | None:
   """
   if jax.process_index() != 0:
     return start + 1 if resumed else None
+  root = epath.Path(workdir)
   if resumed:
-    path = os.path.join(workdir, METRICS_FILE)
-    if os.path.exists(path):
-      with open(path) as f:
-        lines = [line for line in f if line.strip()]
-      kept = [line for line in lines if json.loads(line)['step'] <= start]
-      if len(kept) < len(lines):
-        with open(path + '.tmp', 'w') as f:
-          f.writelines(kept)
-        os.replace(path + '.tmp', path)
-        log.info('resuming at step %d: dropped %d rows logged after it from %s', start, len(lines) - len(kept), path)
+    lines = _rows(workdir)
+    kept = [line for line in lines if json.loads(line)['step'] <= start]
+    if len(kept) < len(lines):
+      files.write_text(root / METRICS_FILE, ''.join(kept))
+      log.info('resuming at step %d: dropped %d rows logged after it from %s', start, len(lines) - len(kept), workdir)
     return start + 1
-  old = [name for name in HISTORY if os.path.exists(os.path.join(workdir, name))]
+  old = [name for name in HISTORY if (root / name).exists()]
   if old:
-    previous = os.path.join(workdir, PREVIOUS, time.strftime('%Y%m%d-%H%M%S', time.gmtime()))
-    os.makedirs(previous, exist_ok=True)
+    previous = root / PREVIOUS / time.strftime('%Y%m%d-%H%M%S', time.gmtime())
     for name in old:
-      shutil.move(os.path.join(workdir, name), os.path.join(previous, name))
+      files.move_tree(root / name, previous / name)
     log.warning(
       'workdir %s has a history (%s) but no checkpoint to resume from: starting a new one at step %d; the old one '
       'is in %s.',
@@ -83,7 +80,8 @@ def open_history(workdir: str, start: int, *, resumed: bool) -> int | None:
 
 
 class MetricWriter:
-  """Scalars to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/` (tensorboardX); a no-op off process 0.
+  """Scalars to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/` (tensorboardX), local or remote (remote
+  files are rewritten whole when flushed: `files.GrowingFile`); a no-op off process 0.
 
   Args:
     purge_step: TensorBoard hides the events logged from this step on by earlier writers (a resumed run).
@@ -95,13 +93,15 @@ class MetricWriter:
       return
     from tensorboardX import SummaryWriter  # heavy: imported where metrics are written
 
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')  # closed in close()
+    if files.is_remote(workdir):
+      files.register_tensorboard(workdir.split('://', 1)[0])
+    self._jsonl = files.GrowingFile(os.path.join(workdir, METRICS_FILE))
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=purge_step)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self._jsonl.write((json.dumps({'step': step, **scalars}) + '\n').encode())
     self._jsonl.flush()
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, step)

@@ -53,6 +53,17 @@ def global_batch(local: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array as one NumPy array, on every process. Every process must call it: an array with shards on
+  other hosts is all-gathered (`process_allgather`), since one process may not `device_get` what it does not hold.
+  Sample images, evaluation features and anything else a host writes come through here."""
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Host values (identical on every process) -> arrays replicated on every device of the mesh (frozen
   autoencoder params)."""

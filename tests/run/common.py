@@ -4,6 +4,7 @@ on the CPU demo config in a subprocess."""
 import importlib
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -96,3 +97,24 @@ def wait_for_step(proc, workdir, step):
 def checkpoint_steps(workdir):
   folder = os.path.join(workdir, 'checkpoints')
   return sorted(int(s) for s in os.listdir(folder) if s.isdigit()) if os.path.isdir(folder) else []
+
+
+def tensorboard_steps(folder, tag='loss/total'):
+  """The steps of `tag` that TensorBoard shows in `folder` (local or remote): the event files read in order, a
+  `SessionLog.START` at step T hiding the events of steps >= T read before it (TensorBoard's rule for a restarted
+  run)."""
+  from etils import epath
+  from tensorboardX.proto import event_pb2
+
+  steps = []
+  for path in sorted(epath.Path(folder).glob('events.out.tfevents.*'), key=str):
+    raw = path.read_bytes()
+    pos = 0
+    while pos < len(raw):  # TFRecord: length (u64), its crc (u32), data, its crc (u32)
+      (n,) = struct.unpack('<Q', raw[pos : pos + 8])
+      event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + n])
+      pos += 16 + n
+      if event.HasField('session_log') and event.session_log.status == event_pb2.SessionLog.START:
+        steps = [s for s in steps if s < event.step]
+      steps += [event.step for v in event.summary.value if v.tag == tag]
+  return steps

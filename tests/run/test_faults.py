@@ -8,7 +8,6 @@ import glob
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import time
 
@@ -34,26 +33,6 @@ def _truncate_arrays(folder):
       if 'ocdbt' in root or name.startswith('d') or root.endswith('/d'):
         with open(os.path.join(root, name), 'r+b') as f:
           f.truncate(7)
-
-
-def _tensorboard_steps(folder, tag='loss/total'):
-  """The steps of `tag` that TensorBoard shows: the event files read in order, a `SessionLog.START` at step T
-  hiding the events of steps >= T read before it (TensorBoard's rule for a restarted run)."""
-  from tensorboardX.proto import event_pb2
-
-  steps = []
-  for path in sorted(glob.glob(os.path.join(folder, 'events.out.tfevents.*'))):
-    with open(path, 'rb') as f:
-      raw = f.read()
-    pos = 0
-    while pos < len(raw):  # TFRecord: length (u64), its crc (u32), data, its crc (u32)
-      (n,) = struct.unpack('<Q', raw[pos : pos + 8])
-      event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + n])
-      pos += 16 + n
-      if event.HasField('session_log') and event.session_log.status == event_pb2.SessionLog.START:
-        steps = [s for s in steps if s < event.step]
-      steps += [event.step for v in event.summary.value if v.tag == tag]
-  return steps
 
 
 def _error_line(proc):
@@ -94,17 +73,17 @@ def test_a_corrupt_checkpoint_is_quarantined_the_history_resumes_cleanly_and_a_n
   assert sorted(n.split('-')[0] for n in os.listdir(workdir / 'checkpoints' / 'corrupt')) == ['4', '6.orbax']
   # Each step once, in the metrics log and in what TensorBoard shows (rows 3-4 were re-computed).
   assert common.logged_steps(workdir) == [1, 2, 3, 4, 5, 6]
-  assert _tensorboard_steps(workdir / 'tensorboard') == [1, 2, 3, 4, 5, 6]
+  assert common.tensorboard_steps(workdir / 'tensorboard') == [1, 2, 3, 4, 5, 6]
 
   # The checkpoints deleted: a fresh start says so and begins a new history, the old one kept aside.
   shutil.rmtree(workdir / 'checkpoints')
   proc = common.run_main(env, 'pretrain', workdir, '--config.total_steps=2', '--config.checkpoint_every=2')
   assert 'starting a new one at step 0' in proc.stderr, proc.stderr[-3000:]
   assert common.logged_steps(workdir) == [1, 2]
-  assert _tensorboard_steps(workdir / 'tensorboard') == [1, 2]
+  assert common.tensorboard_steps(workdir / 'tensorboard') == [1, 2]
   (previous,) = glob.glob(str(workdir / 'previous' / '*'))
   assert common.logged_steps(previous) == [1, 2, 3, 4, 5, 6]
-  assert _tensorboard_steps(os.path.join(previous, 'tensorboard')) == [1, 2, 3, 4, 5, 6]
+  assert common.tensorboard_steps(os.path.join(previous, 'tensorboard')) == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow
