@@ -4,6 +4,7 @@ on the CPU demo config in a subprocess."""
 import importlib
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -118,3 +119,20 @@ def tensorboard_steps(folder, tag='loss/total'):
         steps = [s for s in steps if s < event.step]
       steps += [event.step for v in event.summary.value if v.tag == tag]
   return steps
+
+
+# A short loop for the tests of the loop itself: every step logged, a checkpoint and a sample grid every 2 steps.
+LOOP_SETTINGS = {
+  'log_every': 1,
+  'checkpoint_every': 2,
+  'sample_every': 2,
+  'num_sample_images': 4,
+  'progress': False,
+  'sample.steps': 2,
+}
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]

@@ -19,15 +19,7 @@ def main(workdir, port=None, process_id=None):
   from tests.run import common
 
   assert jax.device_count() == 2, jax.devices()
-  settings = {
-    'log_every': 1,
-    'checkpoint_every': 2,
-    'sample_every': 2,
-    'num_sample_images': 4,
-    'progress': False,
-    'sample.steps': 2,
-    'data.global_batch': 8,
-  }
+  settings = dict(common.LOOP_SETTINGS, **{'data.global_batch': 8})
   first = loop.train_and_evaluate(common.experiment('demo_cpu.py', 'pretrain', total_steps=2, **settings), workdir)
   second = loop.train_and_evaluate(common.experiment('demo_cpu.py', 'pretrain', total_steps=4, **settings), workdir)
   assert (first.finished, first.step, second.finished, second.step) == (True, 2, True, 4), (first, second)

@@ -3,7 +3,6 @@ images gathered from both processes), checkpoints, config and status, through a 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -39,9 +38,7 @@ def _params(workdir, step):
 
 @pytest.mark.slow
 def test_two_processes_write_what_one_process_writes(tmp_path):
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
+  port = common.free_port()
   cmd = [sys.executable, '-m', 'tests.run.multiprocess_loop']
   multi, single = tmp_path / 'multi', tmp_path / 'single'
   procs = [

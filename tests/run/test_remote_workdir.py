@@ -27,14 +27,7 @@ def test_a_gs_workdir_holds_the_whole_run_and_a_resume_reads_it_back(fake_gcs, t
   monkeypatch.setattr(loop, 'Checkpointer', checkpointer)
   monkeypatch.chdir(tmp_path / '..')
   before = set(os.listdir('.'))
-  settings = {
-    'log_every': 1,
-    'checkpoint_every': 2,
-    'sample_every': 2,
-    'num_sample_images': 4,
-    'progress': False,
-    'sample.steps': 2,
-  }
+  settings = common.LOOP_SETTINGS
   first = loop.train_and_evaluate(common.experiment('demo_cpu.py', 'pretrain', total_steps=2, **settings), RUN)
   assert first.finished and logged_steps(RUN) == [1, 2]
   # What a run killed after logging step 3 (checkpoint 2 the newest) leaves in the bucket.
