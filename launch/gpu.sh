@@ -4,7 +4,7 @@
 #
 #   launch/gpu.sh setup [--cuda 12|13]
 #   launch/gpu.sh train --config configs/X.py:variant --workdir DIR [--gpus N] [--fsdp N] [--mem-fraction F]
-#                       [--python PY] [--env KEY=VALUE]... [-- --config.a.b=v ...]
+#                       [--python PY] [--watch [--max-restarts 100]] [--env KEY=VALUE]... [-- --config.a.b=v ...]
 #
 # setup: .venv in the repo (Python >= 3.11), `pip install -c constraints.txt -e . 'jax[cuda12]'` (launch/worker.sh).
 # train: runs in the foreground (use tmux or nohup for long runs):
@@ -14,6 +14,9 @@
 # over both axes, and with --config.mesh.shard_params=True the denoiser parameters and optimizer state are sharded
 # over groups of --fsdp GPUs.
 # --mem-fraction (default 0.9) is the share of each GPU's memory that XLA preallocates (JAX's own default: 0.75).
+# --watch runs the same command under launch/supervise.sh (still in the foreground): after a crash it runs it again
+# (at most --max-restarts times), not after it finished (exit 0), an input error (exit 2) or Ctrl-C (which makes the
+# trainer save a checkpoint and exit).
 # --dry-run prints each command, one per line, quoted exactly as it would run, and runs nothing.
 set -euo pipefail
 
@@ -34,11 +37,11 @@ COMMAND=$1
 shift
 case $COMMAND in
   setup) allowed='--cuda' ;;
-  train) allowed='--config --workdir --gpus --fsdp --mem-fraction --python --env' ;;
+  train) allowed='--config --workdir --gpus --fsdp --mem-fraction --python --env --watch --max-restarts' ;;
   *) die "unknown command '$COMMAND'; expected setup or train." ;;
 esac
 
-CUDA=12 CONFIG='' WORKDIR='' GPUS='' FSDP=1 MEM_FRACTION=0.9 PYTHON=$REPO_DIR/.venv/bin/python
+CUDA=12 CONFIG='' WORKDIR='' GPUS='' FSDP=1 MEM_FRACTION=0.9 PYTHON=$REPO_DIR/.venv/bin/python WATCH=0 MAX_RESTARTS=''
 ENVS=() REST=()
 while (($#)); do
   arg=$1
@@ -46,6 +49,7 @@ while (($#)); do
     --) shift; REST=("$@"); break ;;
     --dry-run) DRY_RUN=1; shift; continue ;;
     -h | --help) usage; exit 0 ;;
+    --watch) key=$arg; shift ;;
     --*=*) key=${arg%%=*}; val=${arg#*=}; shift ;;
     --*) key=$arg; (($# >= 2)) || die "$arg needs a value."; val=$2; shift 2 ;;
     *) die "unexpected argument '$arg' (arguments for the trainer go after --)." ;;
@@ -63,6 +67,8 @@ while (($#)); do
     --mem-fraction) MEM_FRACTION=$val ;;
     --python) PYTHON=$val ;;
     --env) [[ $val == [A-Za-z_]*=* ]] || die "--env needs KEY=VALUE, got '$val'."; ENVS+=("$val") ;;
+    --watch) WATCH=1 ;;
+    --max-restarts) [[ $val =~ ^[0-9]+$ ]] || die "--max-restarts=$val; expected a whole number."; MAX_RESTARTS=$val ;;
   esac
 done
 
@@ -82,8 +88,11 @@ cmd_train() {
     ((GPUS % FSDP == 0)) || die "--gpus=$GPUS is not a multiple of --fsdp=$FSDP."
     env+=("CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((GPUS - 1)))")
   fi
-  run env "${env[@]}" "${ENVS[@]}" "$PYTHON" -m lpl_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" \
-    --config.mesh.data=-1 "--config.mesh.fsdp=$FSDP" "${REST[@]}"
+  [[ -z $MAX_RESTARTS ]] || ((WATCH)) || die '--max-restarts needs --watch.'
+  local -a supervise=()
+  ((!WATCH)) || supervise=(bash "$LAUNCH_DIR/supervise.sh" --max-restarts "${MAX_RESTARTS:-100}" --)
+  run "${supervise[@]}" env "${env[@]}" "${ENVS[@]}" "$PYTHON" -m lpl_jax.main "--config=$CONFIG" \
+    "--workdir=$WORKDIR" --config.mesh.data=-1 "--config.mesh.fsdp=$FSDP" "${REST[@]}"
 }
 
 "cmd_$COMMAND"

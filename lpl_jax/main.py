@@ -24,7 +24,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from lpl_jax.cli import define_verbose_flag, parse_flags_or_exit, run_or_exit, setup_logging
+from lpl_jax.cli import define_verbose_flag, fail, parse_flags_or_exit, run_or_exit, setup_logging
 from lpl_jax.train import loop
 from lpl_jax.train.config import Experiment
 
@@ -40,13 +40,13 @@ PREEMPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint saved; rerun to c
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if len(argv) > 1:  # status 2 like every input error: a supervisor must not restart it
+    fail(f'unexpected arguments {argv[1:]}')
   setup_logging()
   if _MULTIHOST.value:
     jax.distributed.initialize()
   if _CONFIG.value is None:
-    raise app.UsageError('--config is required.')
+    fail('--config is required.')
   if _CACHE.value and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     jax.config.update('jax_compilation_cache_dir', os.path.join(_WORKDIR.value, 'compilation_cache'))
   outcome = run_or_exit(

@@ -1,15 +1,24 @@
 """Fakes for the launch scripts: a `gcloud` that records its argv, and TPU VM workers on the local disk.
 
 The fake `gcloud` appends each call's argv (a JSON list, `gcloud` first) to `calls.jsonl`, prints a state for
-`describe` ($FAKE_TPU_STATE, default READY; $FAKE_QR_STATE for queued resources, default ACTIVE) and, for `scp`,
-keeps a copy of the file it was asked to send. A fake worker is a home folder holding a copy of launch/ and a
-`.venv/bin/python` that records its argv and environment: an ssh `--command` recorded by the fake gcloud runs there
-with `bash -c`, as the worker's login shell would run it.
+`describe` ($FAKE_TPU_STATE, default READY; $FAKE_QR_STATE for queued resources, default ACTIVE; the state
+NOT_FOUND fails as gcloud does for a missing resource, ERROR fails otherwise), prints $FAKE_STATUS_JSON for `storage
+cat` (fails when unset: no such object), exits $FAKE_CP_RC for `storage cp`, answers an ssh `--command` that runs
+`worker.sh status` with $FAKE_SSH_OUTPUT and exit status $FAKE_SSH_RC and, for `scp`, keeps a copy of the file it was
+asked to send. A fake worker is a home folder holding a copy of launch/ and a `.venv/bin/python` (a fake trainer)
+that records its argv, environment and pid: an ssh `--command` recorded by the fake gcloud runs there with `bash -c`,
+as the worker's login shell would run it.
+
+The fake trainer sleeps $FAKE_PYTHON_SLEEP seconds, then exits with $FAKE_EXITS (default 0); both may be lists, one
+value per start (`1,137,0`: the first start exits 1, the second is killed by SIGKILL, the third and later exit 0).
+On SIGTERM it exits 75, as the real trainer does after saving a checkpoint; with $FAKE_IGNORE_TERM=1 it ignores it.
 """
 
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,21 +37,72 @@ with open(log, 'a') as f:
   f.write(json.dumps(argv) + '\\n')
 if 'describe' in argv:
   queued = 'queued-resources' in argv
-  print(os.environ.get('FAKE_QR_STATE', 'ACTIVE') if queued else os.environ.get('FAKE_TPU_STATE', 'READY'))
+  state = os.environ.get('FAKE_QR_STATE', 'ACTIVE') if queued else os.environ.get('FAKE_TPU_STATE', 'READY')
+  if state == 'NOT_FOUND':
+    sys.exit('ERROR: (gcloud.compute.tpus.describe) NOT_FOUND: Resource ' + repr(argv[5]) + ' was not found')
+  if state == 'ERROR':
+    sys.exit('ERROR: (gcloud.compute.tpus.describe) There was a problem refreshing your current auth tokens')
+  print(state)
+if argv[1:3] == ['storage', 'cat']:
+  if 'FAKE_STATUS_JSON' not in os.environ:
+    sys.exit('ERROR: (gcloud.storage.cat) The following URLs matched no objects or files: ' + argv[3])
+  print(os.environ['FAKE_STATUS_JSON'])
+if argv[1:3] == ['storage', 'cp']:
+  sys.exit(int(os.environ.get('FAKE_CP_RC', '0')))
+if 'ssh' in argv and 'worker.sh status' in argv[-1]:
+  print(os.environ.get('FAKE_SSH_OUTPUT', ''))
+  sys.exit(int(os.environ.get('FAKE_SSH_RC', '0')))
 if 'scp' in argv:
   src = argv[argv.index('scp') + 1]
   shutil.copy(src, os.path.join(os.path.dirname(log), 'shipped.tar.gz'))
 """
 
 FAKE_PYTHON = f"""#!{sys.executable}
-import json, os, sys, time
-with open(os.path.join(os.environ['HOME'], 'python_calls.jsonl'), 'a') as f:
+import json, os, signal, sys, time
+calls = os.path.join(os.environ['HOME'], 'python_calls.jsonl')
+with open(calls, 'a') as f:
   env = {{k: os.environ.get(k) for k in ('PYTHONUNBUFFERED', 'XLA_PYTHON_CLIENT_MEM_FRACTION',
                                        'CUDA_VISIBLE_DEVICES', 'MY_FLAG', 'TPU_WORKER_ID')}}
-  f.write(json.dumps({{'argv': sys.argv[1:], 'env': env, 'cwd': os.getcwd()}}) + '\\n')
+  f.write(json.dumps({{'argv': sys.argv[1:], 'env': env, 'cwd': os.getcwd(), 'pid': os.getpid()}}) + '\\n')
+with open(calls) as f:
+  run = len(f.readlines()) - 1  # 0 for the first start
+
+def this_run(name, default):
+  values = os.environ.get(name, default).split(',')
+  return values[min(run, len(values) - 1)]
+
+def on_term(*_):
+  print('fake trainer: SIGTERM, checkpoint saved', flush=True)
+  sys.exit(75)
+
+signal.signal(signal.SIGTERM, signal.SIG_IGN if os.environ.get('FAKE_IGNORE_TERM') else on_term)
 print('fake trainer started', flush=True)
-time.sleep(float(os.environ.get('FAKE_PYTHON_SLEEP', '0')))
+time.sleep(float(this_run('FAKE_PYTHON_SLEEP', '0')))
+code = int(this_run('FAKE_EXITS', '0'))
+print(f'fake trainer exits {{code}}', flush=True)
+if code == 137:
+  os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(code)
 """
+
+
+def alive(pid: int | None) -> bool:
+  """Whether the process exists and is not a zombie (where nothing reaps orphans, they stay zombies)."""
+  if not pid:
+    return False
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except FileNotFoundError:
+    return False
+
+
+def wait_until(predicate, timeout: float, message: str) -> None:
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    if time.monotonic() > deadline:
+      raise AssertionError(message)
+    time.sleep(0.02)
 
 
 def _executable(path: Path, text: str) -> Path:
@@ -67,6 +127,7 @@ class Launch:
       'FAKE_GCLOUD_LOG': str(self.log),
       'TMPDIR': str(tmp_path),
     }
+    self.workers: list[Worker] = []
 
   def run(self, script: str, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     result = subprocess.run(
@@ -87,7 +148,16 @@ class Launch:
     return [json.loads(line) for line in self.log.read_text().splitlines()]
 
   def worker(self, worker_id: int) -> 'Worker':
-    return Worker(self.tmp / f'worker{worker_id}', worker_id, self.env)
+    worker = Worker(self.tmp / f'worker{worker_id}', worker_id, self.env)
+    self.workers.append(worker)
+    return worker
+
+  def kill_runs(self) -> None:
+    """SIGKILL to the process group of every run a worker still has (a failed test must not leave one behind)."""
+    for worker in self.workers:
+      pid = worker.run_pid()
+      if pid and alive(pid) and os.getpgid(pid) == pid:
+        os.killpg(pid, signal.SIGKILL)
 
 
 class Worker:
@@ -99,6 +169,7 @@ class Worker:
     shutil.copytree(LAUNCH, self.repo / 'launch')
     (self.repo / '.venv' / 'bin').mkdir(parents=True)
     _executable(self.repo / '.venv' / 'bin' / 'python', FAKE_PYTHON)
+    self.worker_id = worker_id
     self.env = {**env, 'HOME': str(home), 'TPU_WORKER_ID': str(worker_id)}
 
   def sh(self, command: str, **env: str) -> subprocess.CompletedProcess:
@@ -106,6 +177,27 @@ class Worker:
     return subprocess.run(
       ['bash', '-c', command], capture_output=True, text=True, cwd=self.home, env={**self.env, **env}, timeout=30
     )
+
+  @property
+  def logs(self) -> Path:
+    return self.repo / 'logs'
+
+  def log(self) -> str:
+    path = self.logs / f'train-w{self.worker_id}.log'
+    return path.read_text() if path.exists() else ''
+
+  def run_pid(self) -> int | None:
+    """The pid in logs/train.pid: the supervisor of the run that `train` started."""
+    path = self.logs / 'train.pid'
+    return int(path.read_text()) if path.exists() else None
+
+  def worker_sh(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`cd lpl-jax && bash launch/worker.sh ARGS`, as tpu.sh sends it."""
+    return self.sh(f'cd lpl-jax && bash launch/worker.sh {shlex.join(args)}', **env)
+
+  def wait_for_run_end(self, timeout: float = 15.0) -> None:
+    """Waits until the run's supervisor has exited."""
+    wait_until(lambda: not alive(self.run_pid()), timeout, f'the run on {self.home} did not end')
 
   def trainer_calls(self, count: int = 1, timeout: float = 10.0) -> list[dict]:
     """The fake trainer's records, waiting for `count` of them (it starts in the background)."""
@@ -122,4 +214,6 @@ class Worker:
 
 @pytest.fixture
 def launch(tmp_path):
-  return Launch(tmp_path)
+  launch = Launch(tmp_path)
+  yield launch
+  launch.kill_runs()

@@ -81,9 +81,42 @@ def test_all_visible_gpus_without_gpus(launch, python):
   ]
 
 
+def test_watch_runs_the_trainer_under_the_supervisor(launch, python):
+  [line] = launch.run(
+    'gpu.sh', 'train', '--python', str(python), *ARGS[:-2], '--watch', '--max-restarts', '3', '--dry-run'
+  ).stdout.splitlines()
+  env = ['env', 'XLA_PYTHON_CLIENT_MEM_FRACTION=0.9', 'CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7', 'MY_FLAG=x y']
+  assert shlex.split(line) == [
+    'bash',
+    str(LAUNCH / 'supervise.sh'),
+    '--max-restarts',
+    '3',
+    '--',
+    *env,
+    str(python),
+    *EXPECTED[:-1],
+  ]
+  # For real: a crash, then the run finishes; all in the foreground.
+  result = launch.run(
+    'gpu.sh',
+    'train',
+    '--python',
+    str(python),
+    '--watch',
+    *ARGS,
+    HOME=str(launch.tmp),
+    FAKE_EXITS='1,0',
+    LPL_RESTART_BACKOFF_S='0',
+  )
+  records = [json.loads(line) for line in (launch.tmp / 'python_calls.jsonl').read_text().splitlines()]
+  assert [r['argv'] for r in records] == [EXPECTED, EXPECTED]
+  assert 'exit 1: restarting (1/100)' in result.stdout and 'supervise: finished (exit 0)' in result.stdout
+
+
 @pytest.mark.parametrize(
   'args, message',
   [
+    (['train', '--config', 'c.py', '--workdir', 'w', '--max-restarts', '2'], '--max-restarts needs --watch'),
     (['train', '--workdir', 'w'], '--config is required'),
     (['train', '--config', 'c.py'], '--workdir is required'),
     (['train', '--config', 'c.py', '--workdir', 'w', '--gpus', '6', '--fsdp', '4'], 'not a multiple of --fsdp=4'),

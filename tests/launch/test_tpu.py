@@ -1,5 +1,6 @@
 """launch/tpu.sh against a fake gcloud: the exact commands, what reaches the trainer on each worker, --dry-run."""
 
+import json
 import os
 import shlex
 import shutil
@@ -266,7 +267,10 @@ COMMANDS = {
   'status': [],
   'status --queued': ['--queued'],
   'stop': [],
+  'stop --force': ['--force', '--timeout', '5'],
   'delete': [],
+  'create --autocheckpoint': ['--accelerator-type', 'v5litepod-8', '--autocheckpoint'],
+  'train --watch': ['--config', 'c.py', '--workdir', WORKDIR, '--watch', '--max-restarts', '3', '--', *OVERRIDES],
 }
 
 
@@ -325,7 +329,7 @@ def test_name_zone_and_project_from_the_environment(launch):
 
 def test_help_lists_every_command(launch):
   out = launch.run('tpu.sh', '--help').stdout
-  for command in ('create', 'setup', 'data', 'train', 'logs', 'status', 'stop', 'delete'):
+  for command in ('create', 'setup', 'data', 'train', 'logs', 'status', 'stop', 'delete', 'watch'):
     assert f'launch/tpu.sh {command}' in out
   assert launch.calls() == []
 
@@ -348,3 +352,236 @@ def test_setup_ships_uncommitted_edits_but_not_untracked_files(launch, tmp_path)
     assert tar.extractfile('setup.py').read() == b'edited\n'
     assert 'scratch.txt' not in tar.getnames()
   assert subprocess.run([*git, 'stash', 'list'], capture_output=True, text=True, env=env).stdout == ''
+
+
+def test_create_with_autocheckpoint_uses_the_alpha_track(launch):
+  launch.run('tpu.sh', 'create', *NODE, '--accelerator-type', 'v4-32', '--spot', '--autocheckpoint')
+  launch.run('tpu.sh', 'create', *NODE, '--accelerator-type', 'v5litepod-16', '--queued', '--autocheckpoint')
+  assert launch.calls() == [
+    [
+      'gcloud',
+      'alpha',
+      'compute',
+      'tpus',
+      'tpu-vm',
+      'create',
+      'pod',
+      *LOC,
+      '--accelerator-type=v4-32',
+      '--version=tpu-ubuntu2204-base',
+      '--spot',
+      '--autocheckpoint-enabled',
+    ],
+    [
+      'gcloud',
+      'alpha',
+      'compute',
+      'tpus',
+      'queued-resources',
+      'create',
+      'pod',
+      *LOC,
+      '--node-id=pod',
+      '--accelerator-type=v5litepod-16',
+      '--runtime-version=v2-alpha-tpuv5-lite',
+      '--autocheckpoint-enabled',
+    ],
+  ]
+
+
+def test_train_watch_and_stop_force_reach_worker_sh(launch):
+  launch.run(
+    'tpu.sh',
+    'train',
+    *NODE,
+    '--config',
+    'c.py',
+    '--workdir',
+    'gs://b/r',
+    '--watch',
+    '--max-restarts',
+    '5',
+    '--no-cleanup',
+    '--',
+    '--config.total_steps=10',
+  )
+  launch.run('tpu.sh', 'stop', *NODE, '--timeout', '30', '--force', '--worker', '2')
+  assert launch.calls() == [
+    [
+      *SSH,
+      '--worker=all',
+      '--command',
+      'cd lpl-jax && bash launch/worker.sh train --watch --max-restarts 5 --no-cleanup -- --multihost --config=c.py '
+      '--workdir=gs://b/r --config.total_steps=10',
+    ],
+    [*SSH, '--worker=2', '--command', 'cd lpl-jax && bash launch/worker.sh stop --timeout 30 --force'],
+  ]
+
+
+def test_train_watch_on_the_workers_restarts_a_crash(launch):
+  launch.run('tpu.sh', 'train', *NODE, '--config', 'c.py', '--workdir', WORKDIR, '--watch', '--', *OVERRIDES)
+  [call] = launch.calls()
+  worker = launch.worker(1)
+  result = worker.sh(call[-1], FAKE_EXITS='139,0', LPL_RESTART_BACKOFF_S='0')
+  assert result.returncode == 0, result.stderr
+  worker.wait_for_run_end()
+  records = worker.trainer_calls(2)
+  expected = ['-m', 'lpl_jax.main', '--multihost', '--config=c.py', f'--workdir={WORKDIR}', *OVERRIDES]
+  assert [r['argv'] for r in records] == [expected, expected]
+  assert 'exit 139: restarting (1/100)' in worker.log() and 'supervise: finished (exit 0)' in worker.log()
+  copies = [c for c in launch.calls() if c[1:3] == ['storage', 'cp']]
+  assert copies and copies[-1] == [
+    'gcloud',
+    'storage',
+    'cp',
+    str(worker.logs / 'train-w1.log'),
+    f'{WORKDIR}/logs/train-w1.log',
+  ]
+
+
+# --- watch ---
+
+WATCH = [*NODE, '--accelerator-type', 'v4-32', '--spot', '--config', 'c.py', '--workdir', 'gs://b/r', '--once']
+CAT = ['gcloud', 'storage', 'cat', 'gs://b/r/status.json']
+DESCRIBE = ['gcloud', 'compute', 'tpus', 'tpu-vm', 'describe', 'pod', *LOC, '--format=value(state)']
+QR_DESCRIBE = ['gcloud', 'compute', 'tpus', 'queued-resources', 'describe', 'pod', *LOC, '--format=value(state.state)']
+DELETE = ['gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', 'pod', *LOC, '--quiet']
+QR_DELETE = ['gcloud', 'compute', 'tpus', 'queued-resources', 'delete', 'pod', *LOC, '--force', '--quiet']
+CREATE = [
+  'gcloud',
+  'compute',
+  'tpus',
+  'tpu-vm',
+  'create',
+  'pod',
+  *LOC,
+  '--accelerator-type=v4-32',
+  '--version=tpu-ubuntu2204-base',
+  '--spot',
+]
+STATUS_0 = [*SSH, '--worker=0', '--command', 'cd lpl-jax && bash launch/worker.sh status']
+TRAIN = 'cd lpl-jax && bash launch/worker.sh train --watch -- --multihost --config=c.py --workdir=gs://b/r'
+
+
+def ssh_commands(calls):
+  return [c[-1] for c in calls if 'ssh' in c]
+
+
+def status(state, **fields):
+  return json.dumps({'state': state, 'step': 10, 'total_steps': 100, 'time': 1.0, 'message': '', **fields})
+
+
+def test_watch_stops_when_the_run_finished_or_failed(launch):
+  done = launch.run('tpu.sh', 'watch', *WATCH, FAKE_STATUS_JSON=status('finished', step=100))
+  assert done.returncode == 0 and 'the run finished' in done.stdout
+  failed = launch.run(
+    'tpu.sh', 'watch', *WATCH, check=False, FAKE_STATUS_JSON=status('failed', message='error: "x" is bad')
+  )
+  assert failed.returncode == 2 and 'the run failed: error: \\"x\\" is bad' in failed.stdout
+  assert launch.calls() == [CAT, CAT]
+
+
+@pytest.mark.parametrize('state', ['NOT_FOUND', 'PREEMPTED', 'TERMINATED'])
+def test_watch_recreates_a_lost_node_installs_and_trains_with_force(launch, state):
+  out = launch.run('tpu.sh', 'watch', *WATCH, '--data', 'gs://b/lat=/data/lat', FAKE_TPU_STATE=state).stdout
+  assert 'run: no status.json yet' in out and 're-creating it' in out
+  lost = [] if state == 'NOT_FOUND' else [DELETE]
+  calls = launch.calls()
+  assert calls[: 3 + len(lost)] == [CAT, DESCRIBE, *lost, CREATE]
+  scp, setup, data, train = calls[3 + len(lost) :]
+  assert scp[4] == 'scp' and setup[-1].endswith('cd lpl-jax && bash launch/worker.sh setup --extra tpu')
+  assert data[-1] == 'cd lpl-jax && bash launch/worker.sh data --src gs://b/lat --dest /data/lat'
+  assert train == [*SSH, '--worker=all', '--command', f'{TRAIN} --force']
+
+
+def test_watch_leaves_a_running_trainer_alone(launch):
+  out = launch.run(
+    'tpu.sh',
+    'watch',
+    *WATCH,
+    FAKE_STATUS_JSON=status('running', step=1200, total_steps=100000),
+    FAKE_SSH_OUTPUT='worker 0: running (pid 7, trainer pid 8); last log line: step 1200',
+  ).stdout
+  assert 'run: running at step 1200/100000' in out
+  assert launch.calls() == [CAT, DESCRIBE, STATUS_0]
+
+
+def test_watch_starts_a_trainer_on_a_ready_node_without_one(launch):
+  launch.run('tpu.sh', 'watch', *WATCH, FAKE_SSH_OUTPUT='worker 0: not running; last log line: exit 1')
+  assert launch.calls() == [CAT, DESCRIBE, STATUS_0, [*SSH, '--worker=all', '--command', TRAIN]]
+
+
+def test_watch_installs_a_ready_node_that_is_not_set_up(launch):
+  launch.run('tpu.sh', 'watch', *WATCH, FAKE_SSH_OUTPUT='bash: line 1: cd: lpl-jax: No such file', FAKE_SSH_RC='1')
+  calls = launch.calls()
+  assert calls[:3] == [CAT, DESCRIBE, STATUS_0] and calls[3][4] == 'scp'
+  assert ssh_commands(calls[4:])[-1] == f'{TRAIN} --force' and len(calls) == 6
+
+
+@pytest.mark.parametrize('env', [{'FAKE_TPU_STATE': 'ERROR'}, {'FAKE_SSH_RC': '255'}])
+def test_watch_does_nothing_drastic_when_gcloud_fails(launch, env):
+  result = launch.run('tpu.sh', 'watch', *WATCH, check=False, **env)
+  assert result.returncode != 0 and 'this round failed' in result.stdout
+  assert not [c for c in launch.calls() if {'create', 'delete', 'scp'} & set(c) or TRAIN in c[-1]]
+
+
+def test_watch_waits_for_a_node_in_transition(launch):
+  out = launch.run('tpu.sh', 'watch', *WATCH, FAKE_TPU_STATE='CREATING').stdout
+  assert 'TPU VM pod: CREATING: waiting' in out and launch.calls() == [CAT, DESCRIBE]
+
+
+@pytest.mark.parametrize(
+  'qr, node, expected',
+  [
+    ('WAITING_FOR_RESOURCES', 'READY', [CAT, QR_DESCRIBE]),
+    ('NOT_FOUND', 'READY', [CAT, QR_DESCRIBE, 'create']),
+    ('SUSPENDED', 'READY', [CAT, QR_DESCRIBE, QR_DELETE, 'create']),
+    ('ACTIVE', 'PREEMPTED', [CAT, QR_DESCRIBE, DESCRIBE, QR_DELETE, 'create']),
+    ('ACTIVE', 'READY', [CAT, QR_DESCRIBE, DESCRIBE, STATUS_0]),
+  ],
+)
+def test_watch_with_a_queued_resource(launch, qr, node, expected):
+  running = 'worker 0: running (pid 7, trainer pid 8)'
+  launch.run('tpu.sh', 'watch', *WATCH, '--queued', FAKE_QR_STATE=qr, FAKE_TPU_STATE=node, FAKE_SSH_OUTPUT=running)
+  calls = launch.calls()
+  assert [('create' if 'create' in c else c) for c in calls] == expected
+  for call in calls:
+    if 'create' in call:  # then a later round installs and trains, once the queued resource is ACTIVE
+      assert call[:5] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'create'] and '--spot' in call
+
+
+def test_watch_dry_run_prints_one_round_and_runs_nothing(launch):
+  out = launch.run('tpu.sh', 'watch', *WATCH, '--dry-run', '--', '--config.total_steps=10').stdout
+  assert launch.calls() == []
+  gcloud = [shlex.split(line) for line in out.splitlines() if line.startswith('gcloud ')]
+  assert gcloud[:4] == [CAT, DESCRIBE, DELETE, CREATE]
+  commands = [c[-1] for c in gcloud if 'ssh' in c]
+  assert f'{TRAIN} --force --config.total_steps=10' in commands and f'{TRAIN} --config.total_steps=10' in commands
+  assert STATUS_0 in gcloud
+  assert all(line.startswith(('gcloud ', 'git ', '#')) for line in out.splitlines())
+
+
+@pytest.mark.parametrize(
+  'args, message',
+  [
+    (['train', *NODE, '--config', 'c', '--workdir', 'gs://b', '--max-restarts', '3'], '--max-restarts needs --watch'),
+    (['stop', *NODE, '--watch'], "'stop' has no option --watch"),
+    (['stop', *NODE, '--timeout', '1m'], 'expected whole seconds'),
+    (['create', *NODE, '--accelerator-type', 'v4-8', '--force'], "'create' has no option --force"),
+    (['watch', *NODE, '--accelerator-type', 'v4-8', '--config', 'c', '--workdir', '/tmp/r'], 'expected gs://'),
+    (['watch', *NODE, '--config', 'c', '--workdir', 'gs://b/r'], '--accelerator-type'),
+    (['watch', *NODE, '--accelerator-type', 'v4-8', '--workdir', 'gs://b/r'], '--config'),
+    (
+      ['watch', *NODE, '--accelerator-type', 'v4-8', '--config', 'c', '--workdir', 'gs://b', '--data', 'x'],
+      'SRC=/DEST',
+    ),
+    (
+      ['watch', *NODE, '--accelerator-type', 'v4-8', '--config', 'c', '--workdir', 'gs://b', '--interval', '0'],
+      'seconds',
+    ),
+  ],
+)
+def test_new_options_bad_usage(launch, args, message):
+  result = launch.run('tpu.sh', *args, check=False)
+  assert result.returncode != 0 and message in result.stderr
+  assert launch.calls() == []
