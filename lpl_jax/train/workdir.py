@@ -67,6 +67,11 @@ def prepare(workdir: str) -> epath.Path:
     probe.unlink()
   except OSError as e:
     raise WorkdirError(f"workdir '{workdir}' is not writable: {e.strerror or e}") from e
+  except ImportError as e:  # etils.epath reaches gs:// through gcsfs (fsspec) or TensorFlow, neither a dependency
+    raise WorkdirError(
+      f"workdir '{workdir}': this file system needs a package that is not installed ({e}); for gs:// install "
+      'gcsfs (pip install gcsfs) or tensorflow.'
+    ) from e
   return path
 
 

@@ -193,3 +193,14 @@ def test_multiprocess_broadcast(tmp_path, monkeypatch):
   with pytest.raises(WorkdirError, match=f'process 0 could not take the lock of workdir {tmp_path}'):
     wd.WorkdirLock(tmp_path).acquire()
   assert sent == [0, 1, 1] and wd.holder(tmp_path)['host'] == 'other-host'
+
+
+def test_a_gs_workdir_without_a_cloud_storage_package_names_what_to_install(monkeypatch):
+  from etils.epath import backend
+
+  def missing(path):
+    raise ImportError('Please install gcsfs to access Google Storage')
+
+  monkeypatch.setattr(backend.fsspec_backend, 'fs', missing)
+  with pytest.raises(WorkdirError, match=r"workdir 'gs://bucket/run': .* install gcsfs \(pip install gcsfs\)"):
+    wd.prepare('gs://bucket/run')
