@@ -150,7 +150,11 @@ class Checkpointer:
         moved aside when `quarantine`).
 
     Returns:
-      `(state, data_state, step)`, or None when there is no checkpoint.
+      `(state, data_state, step)`, or None when there is no checkpoint (or, for the writer, none readable: all are
+      moved aside).
+
+    Raises:
+      ValueError: a reader found checkpoints but could restore none of them.
     """
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     typed_key = jax.dtypes.issubdtype(target.rng.dtype, jax.dtypes.prng_key)
@@ -183,7 +187,7 @@ class Checkpointer:
       )
       return None
     if steps and step is None:
-      raise RuntimeError(f'none of the checkpoints {steps} in {self.directory} could be restored.')
+      raise ValueError(f'none of the checkpoints {steps} in {self.directory} could be restored.')
     return None
 
   def wait(self):
