@@ -123,7 +123,9 @@ def base() -> ml_collections.ConfigDict:
       required=False,  # post-training configs set it: starting without init.checkpoint is then an error
     )
   )
-  c.sample = ml_collections.ConfigDict(dict(sampler='ddim', steps=50, guidance=1.5, eta=0.0, use_ema=True))
+  c.sample = ml_collections.ConfigDict(
+    dict(sampler='ddim', steps=50, guidance=1.5, eta=0.0, use_ema=True, spacing='leading')
+  )
   # Stop before a diverging step is saved: a loss spike over the running median, a gradient norm over a limit.
   c.guard = ml_collections.ConfigDict(dict(loss_spike=0.0, window=100, max_grad_norm=0.0))  # 0: off
   return c
@@ -154,9 +156,11 @@ def parse_variant(arg: str | None, *, phase: str, res: int) -> dict:
 
 def set_formulation(c: ml_collections.ConfigDict, name: str) -> None:
   """The paper's setting for each formulation (section 4.1): DDPM with the quadratic schedule; v with zero-terminal
-  SNR; flows with the OT path, SD3's mode sampling and the Euler sampler."""
+  SNR, sampled from the last timestep ('trailing' grid, Lin et al. 2024, section 3.3); flows with the OT path, SD3's
+  mode sampling and the Euler sampler."""
   c.diffusion.formulation = FORMULATIONS[name]
   c.diffusion.zero_terminal_snr = name == 'v'
+  c.sample.spacing = 'trailing' if name == 'v' else 'leading'
   if name == 'flow':
     c.diffusion.timesteps = 'mode'
     c.sample.sampler = 'euler'

@@ -5,6 +5,7 @@ from lpl_jax.diffusion.formulations import FORMULATIONS, Formulation, get_formul
 from lpl_jax.diffusion.generate import GenerateFn, SamplerSettings, generate, make_generate_fn, padded_batches, to_uint8
 from lpl_jax.diffusion.samplers import (
   SAMPLERS,
+  SPACINGS,
   classifier_free_guidance,
   ddim_step,
   ddpm_step,
@@ -19,6 +20,7 @@ __all__ = [
   'FORMULATIONS',
   'SAMPLERS',
   'SCHEDULES',
+  'SPACINGS',
   'Formulation',
   'GenerateFn',
   'SamplerSettings',

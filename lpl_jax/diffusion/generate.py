@@ -24,14 +24,16 @@ GenerateFn = Callable[[Any, Any, jax.Array, Mapping[str, jax.Array]], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
-  """How to sample: the sampler (`SAMPLERS`), its steps, the classifier-free guidance scale, DDIM's eta and the
-  time shift of flow samplers."""
+  """How to sample: the sampler (`SAMPLERS`), its steps, the classifier-free guidance scale, DDIM's eta, the time
+  shift of flow samplers, and the timestep grid of the DDPM samplers (diffusers' `timestep_spacing`: a model trained
+  with zero-terminal SNR needs `'trailing'`, whose first step is the last timestep, where the SNR is 0)."""
 
   sampler: str = 'ddim'
   steps: int = 50
   guidance: float = 1.5
   eta: float = 0.0
   shift: float = 1.0
+  spacing: str = 'leading'
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -92,6 +94,7 @@ def make_generate_fn(
       y=y,
       null_class=null,
       shift=settings.shift,
+      timestep_spacing=settings.spacing,
     )
     images = ae_model.apply({'params': ae_params}, ae_model.unscale_latents(z), method=ae_model.decode)
     return to_uint8(images)

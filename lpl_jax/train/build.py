@@ -150,7 +150,7 @@ def make_generate_fn(exp: Experiment, model: Any, ae_model: ae_lib.AutoencoderKL
   """The experiment's sampler (its `sample` section) followed by the decoder, rows sharded over the mesh."""
   s = exp.sample
   settings = diffusion.SamplerSettings(
-    sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, shift=exp.diffusion.shift
+    sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, shift=exp.diffusion.shift, spacing=s.spacing
   )
   return diffusion.make_generate_fn(
     model,

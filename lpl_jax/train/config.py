@@ -157,11 +157,15 @@ class InitSection:
 
 @dataclasses.dataclass(frozen=True)
 class SampleSection:
+  """The sampler of the run's sample grids and of `python -m lpl_jax.sample`; `spacing` is the DDPM samplers'
+  timestep grid (`'trailing'` for zero-terminal SNR)."""
+
   sampler: str
   steps: int
   guidance: float
   eta: float
   use_ema: bool
+  spacing: str
 
 
 @dataclasses.dataclass(frozen=True)

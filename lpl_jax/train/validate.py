@@ -106,6 +106,12 @@ def _check_sampling(exp: Experiment) -> None:
   timestep_sampler(exp.diffusion, form)
   s = exp.sample
   check(s.sampler in diffusion.SAMPLERS, f'sample.sampler={s.sampler!r}; known: {diffusion.SAMPLERS}.')
+  check(s.spacing in diffusion.SPACINGS, f'sample.spacing={s.spacing!r}; known: {diffusion.SPACINGS}.')
+  check(
+    not (exp.diffusion.zero_terminal_snr and not form.is_flow and s.spacing == 'leading'),
+    "sample.spacing='leading' with diffusion.zero_terminal_snr: the leading grid never starts at the last timestep, "
+    "where the model learned to start (SNR 0); use sample.spacing='trailing' (Lin et al. 2024, section 3.3).",
+  )
   check(
     form.is_flow == (s.sampler in ('euler', 'heun', 'rk4')),
     f'sample.sampler={s.sampler!r} does not fit diffusion.formulation={exp.diffusion.formulation!r} (flows '

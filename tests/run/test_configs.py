@@ -44,6 +44,49 @@ def test_paper_settings():
     common.load('imagenet.py').get_config('post512,lpk')
 
 
+ZERO_TERMINAL_SNR = [(n, v) for n, v in common.all_variants() if common.experiment(n, v).diffusion.zero_terminal_snr]
+
+
+@pytest.mark.parametrize('name,variant', ZERO_TERMINAL_SNR)
+def test_zero_terminal_snr_configs_sample_from_the_last_timestep_as_diffusers_trailing_ddim(name, variant):
+  import jax
+  import torch
+  from diffusers import DDIMScheduler
+
+  from lpl_jax import diffusion
+  from lpl_jax.train.config import formulation
+  from tests.diffusion.test_samplers import _nchw, _nhwc, rel, stand_in_jax, stand_in_torch
+
+  exp = common.experiment(name, variant)
+  d, s = exp.diffusion, exp.sample
+  assert (s.sampler, s.spacing, d.formulation) == ('ddim', 'trailing', 'ddpm_v')
+  form = formulation(d)
+  grid = diffusion.ddpm_timesteps(form.num_timesteps, s.steps, s.spacing)
+  assert grid[0] == form.num_timesteps - 1 == 999  # where the SNR is 0
+  sched = DDIMScheduler(
+    beta_schedule=d.schedule,
+    beta_start=d.beta_start,
+    beta_end=d.beta_end,
+    prediction_type='v_prediction',
+    timestep_spacing='trailing',
+    rescale_betas_zero_snr=True,
+    clip_sample=False,
+    set_alpha_to_one=True,
+  )
+  sched.set_timesteps(s.steps)
+  np.testing.assert_array_equal(grid, sched.timesteps.numpy())
+  x_init = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
+  x = _nchw(x_init)
+  with torch.no_grad():
+    for t in sched.timesteps:
+      x = sched.step(stand_in_torch(x, t), t, x).prev_sample
+  settings = dict(sampler=s.sampler, num_steps=s.steps, eta=s.eta, timestep_spacing=s.spacing)
+  out = jax.jit(lambda z: diffusion.sample(stand_in_jax, form, z, jax.random.key(0), **settings))(x_init)
+  assert rel(out, _nhwc(x)) <= 1e-4
+  with pytest.raises(ConfigError, match="sample.spacing='leading' with diffusion.zero_terminal_snr"):
+    validate(exp.replace(sample={'spacing': 'leading'}), num_devices=8, check_files=False)
+
+
 def _demo(**overrides):
   return common.experiment('demo_cpu.py', 'post,lpl', **overrides)
 
@@ -68,6 +111,8 @@ def _demo(**overrides):
     ('mesh.fsdp', 3, 'mesh: mesh fsdp=3 does not divide the 8 devices'),
     ('diffusion.timesteps', 'cosine', "diffusion: unknown timestep sampler 'cosine'"),
     ('lpl.preset', 'papers', "lpl: unknown LPL preset 'papers'"),
+    ('sample.spacing', 'uniform', "sample.spacing='uniform'; known: ('leading', 'trailing', 'linspace')"),
+    ('guard.loss_spike', 0.5, 'guard.loss_spike=0.5; expected 0 (off) or a factor > 1'),
   ],
 )
 def test_inconsistent_config_is_named(field, value, message):
