@@ -97,6 +97,7 @@ def base() -> ml_collections.ConfigDict:
       grad_clip=o.grad_clip,
       ema_decay=o.ema_decay,
       ema_warmup=o.ema_warmup,
+      ema_start_step=o.ema_start_step,
     )
   )
   c.lpl = ml_collections.ConfigDict(

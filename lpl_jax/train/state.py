@@ -21,7 +21,9 @@ class OptimConfig:
   Attributes:
     lr, warmup_steps, decay_steps (0 = constant after warmup), weight_decay, b1, b2, eps, grad_clip (0 = off).
     ema_decay: paper: 0.9999 without LPL, 0.99975 with.
-    ema_warmup: use min(ema_decay, (1 + step) / (10 + step)) early on (0 = off).
+    ema_warmup: use min(ema_decay, (1 + n) / (10 + n)) early on, n the steps since the EMA started.
+    ema_start_step: until this step the EMA equals the params; it averages from then on (the paper's Figure 18
+      activates it 50k steps into a post-training run). 0: from the first step.
   """
 
   lr: float = 1e-4
@@ -34,12 +36,19 @@ class OptimConfig:
   grad_clip: float = 1.0
   ema_decay: float = 0.9999
   ema_warmup: bool = False
+  ema_start_step: int = 0
 
   def __post_init__(self):
-    if self.lr <= 0 or not 0 <= self.ema_decay < 1 or self.warmup_steps < 0 or self.decay_steps < 0:
+    if (
+      self.lr <= 0
+      or not 0 <= self.ema_decay < 1
+      or self.warmup_steps < 0
+      or self.decay_steps < 0
+      or self.ema_start_step < 0
+    ):
       raise ValueError(
-        f'invalid optimizer config: lr={self.lr}, ema_decay={self.ema_decay}, '
-        f'warmup_steps={self.warmup_steps}, decay_steps={self.decay_steps}.'
+        f'invalid optimizer config: lr={self.lr}, ema_decay={self.ema_decay}, warmup_steps={self.warmup_steps}, '
+        f'decay_steps={self.decay_steps}, ema_start_step={self.ema_start_step}.'
       )
 
 
@@ -80,9 +89,13 @@ def create_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, cfg: OptimConfig) -> Any:
-  """`ema <- d * ema + (1 - d) * params`, d = ema_decay (or the warmup min((1 + step) / (10 + step), decay))."""
+  """`ema <- d * ema + (1 - d) * params` after the update of `step`: d = ema_decay (with the warmup,
+  min(decay, (1 + n) / (10 + n)), n = step - ema_start_step), and d = 0 (the EMA is the params) until
+  `ema_start_step`."""
   decay = jnp.asarray(cfg.ema_decay, jnp.float32)
+  n = step.astype(jnp.float32) - cfg.ema_start_step
   if cfg.ema_warmup:
-    step = step.astype(jnp.float32)
-    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+  if cfg.ema_start_step:
+    decay = jnp.where(n > 0, decay, 0.0)
   return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
