@@ -103,12 +103,14 @@ def base() -> ml_collections.ConfigDict:
   c.lpl = ml_collections.ConfigDict(
     dict(
       enabled=False,
-      preset='paper',
-      weight=3.0,
-      tau=5.0,
+      preset='paper',  # 'paper' or 'reference'; it brings its weight, gate and averaging (docs/lpl.md)
+      weight=-1.0,  # -1: the preset's (paper 3.0, reference 1.0)
+      gate='',  # '': the preset's ('snr': sigma/alpha <= tau, paper; 'timestep': t < t_threshold, reference)
+      tau=-1.0,  # -1: the preset's (5.0 at 256 px, scaled with the resolution)
+      t_threshold=-1,  # -1: the preset's (200)
       start_step=0,
       chunk=0,
-      normalize='batch',
+      normalize='',  # '': the preset's ('batch': Eq. 3's expectation over the batch, paper; 'rows', reference)
       groups=0,
       remat=True,
       num_blocks=4,
@@ -194,9 +196,7 @@ def paper(v: dict) -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 1_000 if v['phase'] == 'pretrain' else 0
   c.optim.grad_clip = 1.0
   c.optim.ema_decay = 0.99975 if v['lpl'] else 0.9999
-  c.lpl.enabled = v['lpl']
-  c.lpl.weight = 3.0
-  c.lpl.tau = 5.0
+  c.lpl.enabled = v['lpl']  # the paper preset: w_lpl 3.0, sigma/alpha <= 5 at 256 px (scaled), Eq. 3's averaging
   c.lpl.chunk = 1  # one row at a time through the decoder: bounded memory, same FLOPs (benchmarks/lpl_overhead.py)
   c.sample.steps = 50
   c.sample.guidance = 1.5 if v['res'] == 256 else 2.0

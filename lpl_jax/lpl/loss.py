@@ -12,12 +12,14 @@ loss = reduce_l(omega_l * d_l)                                          [B]
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lpl_jax.autoencoder import AutoencoderKL
 from lpl_jax.lpl import terms
@@ -239,6 +241,23 @@ def gate_weights(
   return timestep_gate(t, threshold=cfg.t_threshold)
 
 
-def noise_level_threshold(cfg: LPLConfig, resolution: int) -> float:
-  """The sigma/alpha threshold in force at `resolution` (for the stratified timestep sampler)."""
+def noise_level_threshold(cfg: LPLConfig, resolution: int, formulation: Any = None) -> float:
+  """The sigma/alpha threshold of the gate in force at `resolution`, for the stratified timestep sampler (rows below
+  it get LPL): `'snr'`: tau, scaled with the resolution; `'timestep'` (t < t_threshold, the reference): the noise
+  level of timestep t_threshold - 1, which the levels of all earlier timesteps are under (they grow with t; a flow's
+  t in [0, 1] is read as t_threshold / 1000); `'none'`: infinite.
+
+  Args:
+    formulation: the diffusion formulation (`diffusion.get_formulation`); needed by the `'timestep'` gate.
+  """
+  if cfg.gate == 'none':
+    return math.inf
+  if cfg.gate == 'timestep':
+    if formulation is None:
+      raise ValueError("LPLConfig.gate='timestep' needs the formulation to find its noise level.")
+    if formulation.is_flow:
+      t = jnp.asarray(cfg.t_threshold / formulation.num_timesteps, jnp.float32)
+    else:
+      t = jnp.asarray(cfg.t_threshold - 1, jnp.int32)
+    return float(np.asarray(formulation.noise_level(t)))
   return cfg.tau * (resolution / cfg.base_resolution if cfg.scale_with_resolution else 1.0)

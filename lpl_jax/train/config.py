@@ -117,13 +117,17 @@ class DiffusionSection:
 class LPLSection:
   """LPL in the train step: the loss preset and the fields a config overrides, and how the step runs it.
 
-  `groups` is the number of stratification groups of the global batch (0 = one per device and accumulation step);
-  `chunk` the rows per chunk of the LPL branch (0 = all of a device's rows at once)."""
+  The preset carries its weight, gate (and threshold) and averaging into the step: `weight`, `tau` and `t_threshold`
+  at -1, and `gate` and `normalize` at '', mean "the preset's" (`lpl_config`, `lpl_normalize`); any other value
+  overrides it. `groups` is the number of stratification groups of the global batch (0 = one per device and
+  accumulation step); `chunk` the rows per chunk of the LPL branch (0 = all of a device's rows at once)."""
 
   enabled: bool
   preset: str
   weight: float
+  gate: str
   tau: float
+  t_threshold: int
   start_step: int
   chunk: int
   normalize: str
@@ -337,16 +341,27 @@ def timestep_sampler(section: DiffusionSection, form: diffusion.Formulation) -> 
   )
 
 
+# How each preset averages the LPL term over a batch (`StepConfig.lpl_normalize`). The paper's Eq. 3 is an
+# expectation over all samples, the term 0 where the gate is off: the sum over the LPL rows divided by the batch.
+# The reference's training loop takes the mean over the rows its gate lets through (`lpl_loss.mean()` over
+# `timesteps < lpl_t_threshold`): the sum divided by the LPL rows. The two differ by the fraction of gated rows.
+PRESET_NORMALIZE = {'paper': 'batch', 'reference': 'rows'}
+
+
 def lpl_config(section: LPLSection) -> lpl_lib.LPLConfig | None:
-  """The loss config: the preset with the fields the section sets; None when LPL is off."""
+  """The loss config: the preset, with the fields the section sets (see `LPLSection`); None when LPL is off."""
   if not section.enabled:
     return None
-  return from_section(
-    'lpl',
-    lambda: lpl_lib.LPLConfig.from_preset(
-      section.preset, weight=section.weight, tau=section.tau, remat=section.remat, num_blocks=section.num_blocks
-    ),
-  )
+  overrides = dict(remat=section.remat, num_blocks=section.num_blocks)
+  for name, unset in (('weight', -1), ('gate', ''), ('tau', -1), ('t_threshold', -1)):
+    if getattr(section, name) != unset:
+      overrides[name] = getattr(section, name)
+  return from_section('lpl', lambda: lpl_lib.LPLConfig.from_preset(section.preset, **overrides))
+
+
+def lpl_normalize(section: LPLSection) -> str:
+  """How the step averages the LPL term: `lpl.normalize`, else the preset's (`PRESET_NORMALIZE`)."""
+  return section.normalize or PRESET_NORMALIZE.get(section.preset, 'batch')
 
 
 def lpl_groups(exp: Experiment, num_devices: int) -> int:
@@ -356,7 +371,8 @@ def lpl_groups(exp: Experiment, num_devices: int) -> int:
 
 def step_config(exp: Experiment, *, num_devices: int | None = None) -> StepConfig:
   """The train step's static config. The LPL rows per group come from the timestep distribution's mass below the
-  noise threshold at the data's resolution (`TimestepSampler.split`)."""
+  noise-level threshold of the preset's gate at the data's resolution (`lpl.noise_level_threshold`,
+  `TimestepSampler.split`)."""
   num_devices = jax.device_count() if num_devices is None else num_devices
   form = formulation(exp.diffusion)
   sampler = timestep_sampler(exp.diffusion, form)
@@ -365,7 +381,7 @@ def step_config(exp: Experiment, *, num_devices: int | None = None) -> StepConfi
   if loss is not None:
     groups = lpl_groups(exp, num_devices)
     rows = sampler.split(
-      form, lpl_lib.noise_level_threshold(loss, exp.data.resolution), exp.data.global_batch // groups
+      form, lpl_lib.noise_level_threshold(loss, exp.data.resolution, form), exp.data.global_batch // groups
     )
   return from_section(
     'lpl',
@@ -378,7 +394,7 @@ def step_config(exp: Experiment, *, num_devices: int | None = None) -> StepConfi
       lpl_groups=groups,
       lpl_start_step=exp.lpl.start_step,
       lpl_chunk=exp.lpl.chunk,
-      lpl_normalize=exp.lpl.normalize,
+      lpl_normalize=lpl_normalize(exp.lpl),
       label_dropout=exp.step.label_dropout,
       null_class=exp.model.num_classes,
       accum_steps=exp.step.accum_steps,

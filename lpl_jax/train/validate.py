@@ -59,12 +59,18 @@ def validate(
   cfg = step_config(exp, num_devices=num_devices)
   if exp.lpl.enabled:
     group = exp.data.global_batch // cfg.lpl_groups
-    mass = cfg.sampler.mass_below(cfg.formulation, lpl_lib.noise_level_threshold(cfg.lpl, exp.data.resolution))
+    threshold = lpl_lib.noise_level_threshold(cfg.lpl, exp.data.resolution, cfg.formulation)
+    mass = cfg.sampler.mass_below(cfg.formulation, threshold)
+    gate = (
+      f't < {cfg.lpl.t_threshold}'
+      if cfg.lpl.gate == 'timestep'
+      else f'sigma/alpha <= {threshold:g}, lpl.tau={cfg.lpl.tau:g} at {exp.data.resolution} px'
+    )
     check(
       cfg.lpl_rows_per_group > 0,
       f'lpl.enabled but no row gets LPL: groups of {group} rows (data.global_batch / lpl.groups) times the '
-      f'{mass:.3f} of timesteps below the noise threshold (lpl.tau={exp.lpl.tau} at {exp.data.resolution} px) '
-      'is under one row; use fewer, larger groups (lpl.groups) or a larger batch.',
+      f'{mass:.3f} of timesteps the gate lets through ({cfg.lpl.gate}: {gate}) is under one row; use fewer, '
+      'larger groups (lpl.groups) or a larger batch.',
     )
 
 
@@ -76,6 +82,14 @@ def _check_loop(exp: Experiment) -> None:
   check(g.loss_spike == 0 or g.loss_spike > 1, f'guard.loss_spike={g.loss_spike}; expected 0 (off) or a factor > 1.')
   check(g.window >= 1, f'guard.window={g.window}; expected >= 1.')
   check(g.max_grad_norm >= 0, f'guard.max_grad_norm={g.max_grad_norm}; expected >= 0 (0: off).')
+  lp = exp.lpl
+  check(lp.weight == -1 or lp.weight >= 0, f"lpl.weight={lp.weight}; expected >= 0, or -1 for the preset's.")
+  check(lp.tau == -1 or lp.tau > 0, f"lpl.tau={lp.tau}; expected > 0, or -1 for the preset's.")
+  check(lp.t_threshold == -1 or lp.t_threshold > 0, f'lpl.t_threshold={lp.t_threshold}; expected > 0, or -1.')
+  check(
+    lp.normalize in ('', 'batch', 'rows'),
+    f"lpl.normalize={lp.normalize!r}; expected 'batch', 'rows', or '' for the preset's.",
+  )
 
 
 def _check_data_and_model(exp: Experiment) -> None:

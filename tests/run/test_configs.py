@@ -36,7 +36,9 @@ def test_config_builds_and_validates(name, variant):
 
 def test_paper_settings():
   c = common.load('imagenet.py').get_config('post512,lpl,flow')
-  assert (c.data.resolution, c.total_steps, c.sample.guidance, c.lpl.weight) == (512, 120_000, 2.0, 3.0)
+  assert (c.data.resolution, c.total_steps, c.sample.guidance) == (512, 120_000, 2.0)
+  loss = step_config(Experiment.from_config_dict(c), num_devices=8)
+  assert (loss.lpl.weight, loss.lpl.gate, loss.lpl.tau, loss.lpl_normalize) == (3.0, 'snr', 5.0, 'batch')
   assert (c.diffusion.formulation, c.diffusion.timesteps, c.sample.sampler) == ('flow_ot', 'mode', 'euler')
   v = common.load('imagenet.py').get_config('post256,v')
   assert v.diffusion.zero_terminal_snr and v.optim.ema_decay == 0.9999 and v.sample.guidance == 1.5
@@ -105,7 +107,7 @@ def _demo(**overrides):
     ('model.dtype', 'float16', "model.dtype='float16'"),
     ('lpl.num_blocks', 9, 'lpl: decoder has 4 up blocks, LPLConfig.num_blocks asks for 9'),
     ('optim.lr', -1.0, 'optim: invalid optimizer config'),
-    ('lpl.normalize', 'gated', "lpl: StepConfig.lpl_normalize='gated'"),
+    ('lpl.normalize', 'gated', "lpl.normalize='gated'; expected 'batch', 'rows', or '' for the preset's"),
     ('lpl.tau', 0.01, 'lpl.enabled but no row gets LPL'),
     ('data.global_batch', 0, 'data.global_batch=0; expected > 0'),
     ('mesh.fsdp', 3, 'mesh: mesh fsdp=3 does not divide the 8 devices'),
