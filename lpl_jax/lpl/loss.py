@@ -77,14 +77,6 @@ def kernel_scale(cfg: LPLConfig, image_size: int) -> float:
   return max(1.0, image_size / cfg.base_resolution) if cfg.scale_with_resolution else 1.0
 
 
-def scaled_kernel(size: int, scale: float) -> int:
-  """A base kernel grown with resolution, kept odd so the filtered map keeps its size."""
-  if scale == 1.0:
-    return size
-  grown = max(1, round(size * scale))
-  return grown + (grown % 2 == 0)
-
-
 def layer_down_factors(shapes: list[tuple[int, ...]], image_size: int) -> list[float]:
   """Output image resolution / tap resolution (e.g. 8, 4, 2, 1, 1 for an SD decoder)."""
   return [image_size / s[1] for s in shapes]
@@ -98,7 +90,6 @@ def layer_masks(features: Sequence[jax.Array], cfg: LPLConfig, image_size: int) 
   if len(features) != len(cfg.used_layers):
     raise ValueError(f'{len(features)} feature maps for the {len(cfg.used_layers)} used taps {cfg.used_layers}.')
   scale = kernel_scale(cfg, image_size)
-  opening, closing = scaled_kernel(cfg.opening, scale), scaled_kernel(cfg.closing, scale)
   downs = layer_down_factors([tuple(f.shape) for f in features], image_size)
   masks = []
   for i, f, down in zip(cfg.used_layers, features, downs, strict=True):
@@ -108,8 +99,9 @@ def layer_masks(features: Sequence[jax.Array], cfg: LPLConfig, image_size: int) 
           _at_least_f32(f),
           quant=cfg.quant,
           down_factor=down,
-          opening=opening,
-          closing=closing,
+          opening=cfg.opening,
+          closing=cfg.closing,
+          kernel_scale=scale,
           margin_std=cfg.margin_std,
           approx=cfg.approx_top_k,
           recall_target=cfg.approx_recall,

@@ -17,12 +17,14 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def morphology_kernels(opening: int, closing: int, down_factor: int | float = 1) -> tuple[int, int]:
-  """Algorithm 1's kernel sizes for a layer `down_factor` times smaller than the output image.
+def morphology_kernels(opening: int, closing: int, down_factor: int | float = 1, scale: float = 1.0) -> tuple[int, int]:
+  """Algorithm 1's kernel sizes for a layer `down_factor` times smaller than the output image, grown by `scale`.
 
-  `ceil(size / down_factor)`, then its two special cases: an opening of 2 becomes 3, a closing of 2 becomes 1.
-  Any other even size is made odd (+1): Algorithm 1's `MaxPool2d(k, padding=(k-1)//2)` would shrink the map by one
-  pixel there, which only happens with kernels grown for resolutions above 256.
+  `ceil(size / down_factor)`, then its two special cases: an opening of 2 becomes 3, a closing of 2 becomes 1. Then,
+  for an image `scale` times the base resolution, each size is multiplied by `scale` (rounded): a layer's kernels
+  cover the same fraction of its map at every resolution, within rounding. (Growing the base sizes first and then
+  dividing by the down factor would not: at 512 px a half-resolution layer would get (7, 5) for (3, 1) at 256 px.)
+  Even sizes are made odd (+1): Algorithm 1's `MaxPool2d(k, padding=(k-1)//2)` would shrink the map by one pixel.
 
   Returns:
     `(opening, closing)` for this layer.
@@ -31,11 +33,15 @@ def morphology_kernels(opening: int, closing: int, down_factor: int | float = 1)
     raise ValueError(f'morphology kernel sizes must be >= 1, got opening={opening}, closing={closing}.')
   if down_factor <= 0:
     raise ValueError(f'down_factor must be positive, got {down_factor}.')
+  if scale < 1:
+    raise ValueError(f'kernel scale must be >= 1 (kernels are only grown), got {scale}.')
   opening, closing = math.ceil(opening / down_factor), math.ceil(closing / down_factor)
   if opening == 2:
     opening = 3
   if closing == 2:
     closing = 1
+  if scale != 1:
+    opening, closing = max(1, round(opening * scale)), max(1, round(closing * scale))
   return opening + (opening % 2 == 0), closing + (closing % 2 == 0)
 
 
@@ -96,6 +102,7 @@ def outlier_mask(
   down_factor: int | float = 1,
   opening: int = 5,
   closing: int = 3,
+  kernel_scale: float = 1.0,
   margin_std: float = 2.0,
   approx: bool = False,
   recall_target: float = 0.95,
@@ -107,6 +114,7 @@ def outlier_mask(
     quant: tail mass of the quantiles, in [0, 0.5).
     down_factor: output image resolution / this layer's resolution; shrinks the kernels as Algorithm 1.
     opening, closing: base kernel sizes (before `down_factor`), see `morphology_kernels`.
+    kernel_scale: growth of the kernels for images above the base resolution (`morphology_kernels`).
     margin_std: the margin m in units of the map's standard deviation.
     approx: use `lax.approx_max_k` for the quantiles (TPU).
     recall_target: recall of the approximate top-k.
@@ -125,7 +133,7 @@ def outlier_mask(
   b, h, w, c = feat.shape
   if h * w < 2:
     raise ValueError(f'outlier detection needs a feature map of at least 2 positions, got {h}x{w}.')
-  open_k, close_k = morphology_kernels(opening, closing, down_factor)
+  open_k, close_k = morphology_kernels(opening, closing, down_factor, kernel_scale)
   k_low, k_high = quantile_ranks(h * w, quant)
 
   x = lax.stop_gradient(feat)

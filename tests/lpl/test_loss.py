@@ -288,3 +288,15 @@ def test_config_errors(tiny):
     lpl.LPLConfig.from_preset('paper', layer_weights=(1.0, 0.5))
   with pytest.raises(ValueError, match='decoder has 4 up blocks, LPLConfig.num_blocks asks for 5'):
     lpl.make_features_fn(model, params, lpl.LPLConfig.from_preset('paper', num_blocks=5, layers=(0, 1)))
+
+
+def test_layer_masks_grow_each_taps_kernels_with_the_image():
+  """A half-resolution tap at twice the base resolution gets Algorithm 1's (3, 1) at the base, doubled: (7, 3)."""
+  cfg = lpl.LPLConfig.from_preset('paper', num_blocks=0, outlier_layers=(0,), base_resolution=32)
+  f = jax.random.normal(jax.random.key(0), (2, 32, 32, 3)).at[:, 10:13, 20:23, :].set(50.0)  # a 3x3 outlier
+  (mask,) = lpl.layer_masks([f], cfg, image_size=64)
+  expected = lpl.outlier_mask(f, down_factor=1, opening=7, closing=3)
+  np.testing.assert_array_equal(np.asarray(mask), np.asarray(expected))
+  assert not np.asarray(expected).all()
+  (at_base,) = lpl.layer_masks([f], cfg, image_size=32)  # at the base, on a map at down factor 1: (5, 3)
+  np.testing.assert_array_equal(np.asarray(at_base), np.asarray(lpl.outlier_mask(f, opening=5, closing=3)))

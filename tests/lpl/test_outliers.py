@@ -363,3 +363,23 @@ def test_constant_channel_does_not_depend_on_its_value():
   ]
   for mask in masks:
     assert not mask.any()
+
+
+@pytest.mark.parametrize('down_f', [1, 2, 4, 8])
+def test_a_taps_kernels_cover_the_same_fraction_of_its_map_at_every_resolution(down_f):
+  """At `scale` x the base resolution a tap's map is `scale` x larger: its kernels are `scale` x Algorithm 1's at the
+  base, within the rounding to an odd size."""
+  base = morphology_kernels(5, 3, down_f)
+  assert base == torch_kernels(5, 3, down_f)  # the base resolution is Algorithm 1 itself
+  for scale in (2.0, 3.0, 4.0):  # 512, 768, 1024 px for a base of 256
+    grown = morphology_kernels(5, 3, down_f, scale)
+    for k, k0 in zip(grown, base, strict=True):
+      assert k % 2 == 1 and abs(k - k0 * scale) <= 1, (down_f, scale, grown, base)
+  with pytest.raises(ValueError, match='kernel scale must be >= 1'):
+    morphology_kernels(5, 3, 1, 0.5)
+
+
+def test_a_half_resolution_tap_at_512_px():
+  # (3, 1) at 256 px; growing the base kernels before dividing by the down factor gave (7, 5) at 512 px.
+  assert morphology_kernels(5, 3, 2) == (3, 1)
+  assert morphology_kernels(5, 3, 2, 2.0) == (7, 3)
