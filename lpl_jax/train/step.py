@@ -334,6 +334,8 @@ def train_step(
     metrics.update(
       {
         'lpl/rows': jnp.asarray(cfg.lpl_rows_per_group * groups * active, jnp.int32),
+        # The share of the batch the gate lets through: what LPL costs (docs/reproduce.md).
+        'lpl/rows_fraction': jnp.asarray(cfg.lpl_rows_per_group * groups / b, jnp.float32) * active,
         'lpl/active': active.astype(jnp.int32),
       }
     )
