@@ -187,7 +187,10 @@ def paper(v: dict) -> ml_collections.ConfigDict:
   c.sample_every = 10_000
   c.data.resolution = v['res']
   c.data.global_batch = 256  # 16 per GPU x 16 GPUs (Table 7)
-  c.autoencoder.preset = 'sd1'  # the architecture; the weights come from autoencoder.weights
+  # The main results (Tables 2-3) use the asymmetric autoencoder x1.5 of Zhu et al. 2023 (section 4.1 and its
+  # footnote); the ablations SDXL's (--config.autoencoder.preset=sdxl). The preset is the architecture when no
+  # weights are named (shapes, lowering); a weights folder brings its own config.
+  c.autoencoder.preset = 'asymmetric_x1_5'
   c.model.kind = 'mmdit'  # 28 blocks, width 1536 (base())
   c.model.dtype = 'bfloat16'
   c.model.remat = True

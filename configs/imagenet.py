@@ -7,9 +7,12 @@
   pre-training must then use the same formulation (`pretrain256,flow`).
 
 Post-training needs `--config.init.checkpoint=<pre-training workdir>`; every run needs
-`--config.autoencoder.weights=<diffusers-format folder of an SD-style KL autoencoder (f=8, C=4)>`.
+`--config.autoencoder.weights=<diffusers-format folder>`: for Tables 2-3 the asymmetric autoencoder x1.5 of Zhu et
+al. 2023 (`AsymmetricAutoencoderKL`, cross-attention/asymmetric-autoencoder-kl-x-1-5, the default preset), for the
+ablations SDXL's (`--config.autoencoder.preset=sdxl` and its weights).
 
-From the paper (sections 4.1, 4.3, A): MMDiT denoiser (Esser et al.); SD autoencoder with d = 8, C = 4; quadratic
+From the paper (sections 4.1, 4.3, A): MMDiT denoiser (Esser et al.); the asymmetric autoencoder for the main
+results (SDXL's for ablations), d = 8, C = 4; quadratic
 ("scaled_linear") beta schedule 0.00085..0.012; pre-training 600k iterations at 256 px; post-training 200k (256 px)
 or 120k (512 px) iterations; EMA 0.9999 without LPL, 0.99975 with; w_lpl = 3; noise threshold tau between 3 and 6
 (5 here); DDIM 50 steps with CFG 1.5 at 256 px and 2.0 at 512 px; v-prediction with zero-terminal SNR; flows with

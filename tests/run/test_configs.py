@@ -40,6 +40,9 @@ def test_paper_settings():
   loss = step_config(Experiment.from_config_dict(c), num_devices=8)
   assert (loss.lpl.weight, loss.lpl.gate, loss.lpl.tau, loss.lpl_normalize) == (3.0, 'snr', 5.0, 'batch')
   assert (c.diffusion.formulation, c.diffusion.timesteps, c.sample.sampler) == ('flow_ot', 'mode', 'euler')
+  for name, variant in common.all_variants():  # Tables 2-3: the asymmetric autoencoder; the demo its own
+    preset = common.experiment(name, variant).autoencoder.preset
+    assert preset == ('tiny' if name == 'demo_cpu.py' else 'asymmetric_x1_5'), (name, variant)
   v = common.load('imagenet.py').get_config('post256,v')
   assert v.diffusion.zero_terminal_snr and v.optim.ema_decay == 0.9999 and v.sample.guidance == 1.5
   with pytest.raises(ValueError, match="unknown config variant token 'lpk'"):
