@@ -358,20 +358,7 @@ def test_create_with_autocheckpoint_uses_the_alpha_track(launch):
   launch.run('tpu.sh', 'create', *NODE, '--accelerator-type', 'v4-32', '--spot', '--autocheckpoint')
   launch.run('tpu.sh', 'create', *NODE, '--accelerator-type', 'v5litepod-16', '--queued', '--autocheckpoint')
   assert launch.calls() == [
-    [
-      'gcloud',
-      'alpha',
-      'compute',
-      'tpus',
-      'tpu-vm',
-      'create',
-      'pod',
-      *LOC,
-      '--accelerator-type=v4-32',
-      '--version=tpu-ubuntu2204-base',
-      '--spot',
-      '--autocheckpoint-enabled',
-    ],
+    ['gcloud', 'alpha', *CREATE[1:], '--autocheckpoint-enabled'],  # CREATE: the spot v4-32 create below
     [
       'gcloud',
       'alpha',
