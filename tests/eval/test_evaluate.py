@@ -37,7 +37,7 @@ def _stats(x):
   return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
-@pytest.mark.slow  # three square roots of 2048x2048 matrices (scipy's sqrtm): 30-60 s each on 2 shared cores
+@pytest.mark.slow  # square roots of 2048x2048 matrices (pytorch-fid's sqrtm, ours by eigh): 30-60 s on 2 shared cores
 def test_matches_pytorch_fid_and_prdc(random_inception, tmp_path):
   weights, torch_model = random_inception
   samples = _batch(tmp_path / 'samples.npz', 7, seed=1)
@@ -51,8 +51,8 @@ def test_matches_pytorch_fid_and_prdc(random_inception, tmp_path):
   fake, real = torch_fid_features(torch_model, samples), torch_fid_features(torch_model, ref)
   expected_fid = float(calculate_frechet_distance(*_stats(fake), *_stats(real)))
   print(f'FID {metrics["fid"]:.6f}, pytorch-fid on its own features {expected_fid:.6f}')
-  # Features agree to ~1e-6 relative; with 7-8 samples in 2048-d the square root of the singular product amplifies
-  # that, hence 1e-3 relative here (test_fid checks the distance itself to 1e-6 on the same statistics).
+  # Features agree to ~1e-6 relative; with 7-8 samples in 2048-d pytorch-fid's sqrtm of the singular product is
+  # itself only approximate, hence 1e-3 relative here (test_fid checks the distance against exact answers).
   assert metrics['fid'] == pytest.approx(expected_fid, rel=1e-3)
   pr, dc = compute_prdc(real, fake, 3), compute_prdc(real, fake, 5)
   for name, expected in (('precision', pr), ('recall', pr), ('density', dc), ('coverage', dc)):
