@@ -1,11 +1,13 @@
 """What LPL costs in the training step: FLOPs and memory at paper scale, wall time on a small config.
 
-Part 1 (paper scale, nothing materialised): the paper's class-conditional MMDiT (28 blocks, width 1536, patch 2;
-bf16 compute, float32 master weights, per-block remat) with an SD-family autoencoder (decoder remat via
-`LPLConfig.remat`), DDPM-eps with the SD quadratic schedule, per-device batch 16, FSDP over 8 simulated CPU
-devices. The step of `lpl_jax.train` is lowered and compiled from `jax.ShapeDtypeStruct` inputs (state, batch and
-autoencoder params from `jax.eval_shape`, with their shardings) with LPL and without (`lpl=None`), and XLA's
-`cost_analysis()` and `memory_analysis()` of the per-device SPMD program are reported.
+Part 1 (paper scale, nothing materialised): the ImageNet configs' class-conditional denoiser (configs/imagenet.py:
+the MMDiT of 28 blocks, width 1536, patch 2; bf16 compute, float32 master weights, per-block remat; `--kind` and
+`--modulation` choose another architecture of that size, e.g. `--kind=dit --modulation=single`, adaLN-single) with
+an SD-family autoencoder (decoder remat via `LPLConfig.remat`), DDPM-eps with the SD quadratic schedule, per-device
+batch 16, FSDP over 8 simulated CPU devices. The step of `lpl_jax.train` is lowered and compiled from
+`jax.ShapeDtypeStruct` inputs (state, batch and autoencoder params from `jax.eval_shape`, with their shardings) with
+LPL and without (`lpl=None`), and XLA's `cost_analysis()` and `memory_analysis()` of the per-device SPMD program are
+reported.
 
 Part 2 (real steps): a small DiT and the `tiny` autoencoder on one CPU device, with and without LPL, compiled,
 warmed up, then timed alternately; medians and their ratio.
@@ -17,6 +19,7 @@ Usage (from the repository root):
   python -m benchmarks.lpl_overhead                       # 256 and 512 px, chunk study at 512, CPU timing
   python -m benchmarks.lpl_overhead --quick               # 256 px only with a 4-block MMDiT, short timing
   python -m benchmarks.lpl_overhead --resolutions 512 --chunks 0,2 --ae sdxl --no_timing
+  python -m benchmarks.lpl_overhead --kind=dit --modulation=single --no_timing   # the 812M adaLN-single DiT
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ from jax.sharding import PartitionSpec as P
 from benchmarks.decoder_features import flops_of, fmt, ratio
 from lpl_jax import autoencoder as ae
 from lpl_jax import diffusion, lpl, train
-from lpl_jax.models import DiT, MMDiT_paper
+from lpl_jax.models import DiT
+from lpl_jax.train import build
+from lpl_jax.train.config import MODEL_KINDS, Experiment
 
 GIB = 2.0**30
 TFLOP = 1e12
@@ -59,11 +64,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--resolutions', default='256,512', help='image sides in pixels, comma-separated')
   parser.add_argument('--ae', default='sdxl', choices=sorted(ae.PRESETS), help='autoencoder preset (part 1)')
-  parser.add_argument('--depth', type=int, default=28, help='MMDiT blocks (28 = the paper model)')
+  model = imagenet_model()
+  parser.add_argument(
+    '--kind', default=model.kind, choices=MODEL_KINDS, help="denoiser (default: the ImageNet configs')"
+  )
+  parser.add_argument(
+    '--modulation',
+    default=model.modulation,
+    choices=('block', 'single'),
+    help="adaLN per block, or adaLN-single (one shared Linear, a table per block); default: the ImageNet configs'",
+  )
+  parser.add_argument('--depth', type=int, default=model.depth, help='denoiser blocks (28 = the paper model)')
   parser.add_argument(
     '--compile_depths',
     default='2,4',
-    help='two MMDiT depths that are actually compiled; the '
+    help='two denoiser depths that are actually compiled; the '
     'numbers at --depth are extrapolated linearly from them (blocks are identical and unrolled). '
     'Give --compile_depths=28 to compile the full model (about 5 minutes per config on 2 cores)',
   )
@@ -95,6 +110,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------------------------
 # Part 1: compiled step at paper scale from abstract inputs.
+
+
+def imagenet_config():
+  """The ImageNet configs' experiment (post-training with LPL at 512 px); part 1 takes its `model` section."""
+  from configs import imagenet
+
+  return imagenet.get_config('post512,lpl')
+
+
+def imagenet_model():
+  return imagenet_config().model
+
+
+def denoiser(args, depth: int) -> nn.Module:
+  """The ImageNet configs' denoiser as the trainer builds it (`build.make_denoiser`), with `--kind`, `--modulation`
+  and `depth` blocks."""
+  exp = Experiment.from_config_dict(imagenet_config())
+  exp = exp.replace(model=dict(kind=args.kind, modulation=args.modulation, depth=depth))
+  return build.make_denoiser(exp, latent_channels=4)
 
 
 def step_config(
@@ -166,9 +200,9 @@ def memory_of(compiled: Any) -> dict[str, float]:
 
 def compile_step(resolution: int, args, mesh, *, lpl_on: bool, chunk: int = 0, depth: int) -> dict[str, Any]:
   side = resolution // 8
-  model = MMDiT_paper(depth=depth, num_classes=1000, dtype=jnp.bfloat16, remat=True)
+  model = denoiser(args, depth)
   ae_model = ae.from_preset(args.ae, dtype=jnp.bfloat16) if lpl_on else None  # remat comes from LPLConfig.remat
-  cfg = step_config(resolution, args.batch, lpl_on=lpl_on, chunk=chunk, tau=args.tau, num_classes=1000)
+  cfg = step_config(resolution, args.batch, lpl_on=lpl_on, chunk=chunk, tau=args.tau, num_classes=model.num_classes)
   optimizer = train.make_optimizer(cfg.optim)
   state, shardings, data, ae_params = abstract_inputs(
     model, optimizer, mesh, side=side, batch=args.batch, ae_model=ae_model
@@ -240,9 +274,10 @@ def paper_scale(args) -> dict[int, dict[str, Any]]:
     if args.depth in args.compile_depths
     else f'extrapolated linearly from depths {args.compile_depths[0]} and {args.compile_depths[-1]}'
   )
+  m = denoiser(args, args.depth)
   print(
-    f'== Part 1: compiled step, MMDiT depth {args.depth} ({how}) width 1536 patch 2 (bf16 compute, f32 params, '
-    'remat), '
+    f'== Part 1: compiled step, {type(m).__name__} ({args.modulation} modulation) depth {args.depth} ({how}) width '
+    f'{m.hidden_size} patch {m.patch_size} (bf16 compute, f32 params, remat), '
     f'autoencoder {args.ae!r} (bf16, decoder remat), per-device batch {args.batch}, FSDP over {mesh.size} '
     f'simulated devices (global batch {args.batch * mesh.size}), DDPM-eps, uniform t, LPL preset "paper"'
   )

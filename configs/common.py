@@ -66,6 +66,7 @@ def base() -> ml_collections.ConfigDict:
       context_len=0,
       pooled_dim=0,  # context_dim > 0: text-conditional (cached text embeddings)
       qk_norm=False,
+      modulation='block',  # 'block': a modulation Linear per block (SD3, DiT); 'single': adaLN-single (PixArt-alpha)
       dtype='bfloat16',
       remat=True,
     )
@@ -111,12 +112,22 @@ def base() -> ml_collections.ConfigDict:
       start_step=0,
       chunk=0,
       normalize='',  # '': the preset's ('batch': Eq. 3's expectation over the batch, paper; 'rows', reference)
+      norm_axis='space',  # the paper standardisation per channel over space, or per position over 'channels'
+      stats_gradient=False,  # gradient through the prediction's mean/std in that standardisation (docs/lpl.md)
       groups=0,
       remat=True,
       num_blocks=4,
     )
   )
-  c.step = ml_collections.ConfigDict(dict(label_dropout=0.1, accum_steps=1))
+  c.step = ml_collections.ConfigDict(
+    dict(
+      label_dropout=0.1,
+      accum_steps=1,
+      loss_weighting='none',  # 'min_snr' (Hang et al., min_snr_gamma) or 'lpl_variance' (Eq. 15; docs/lpl.md)
+      min_snr_gamma=5.0,
+      stats_decay=0.99,  # of the running loss variances Eq. 15 reads
+    )
+  )
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_params=False))
   c.init = ml_collections.ConfigDict(
     dict(

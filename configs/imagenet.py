@@ -11,17 +11,21 @@ Post-training needs `--config.init.checkpoint=<pre-training workdir>`; every run
 al. 2023 (`AsymmetricAutoencoderKL`, cross-attention/asymmetric-autoencoder-kl-x-1-5, the default preset), for the
 ablations SDXL's (`--config.autoencoder.preset=sdxl` and its weights).
 
-From the paper (sections 4.1, 4.3, A): MMDiT denoiser (Esser et al.); the asymmetric autoencoder for the main
-results (SDXL's for ablations), d = 8, C = 4; quadratic
-("scaled_linear") beta schedule 0.00085..0.012; pre-training 600k iterations at 256 px; post-training 200k (256 px)
-or 120k (512 px) iterations; EMA 0.9999 without LPL, 0.99975 with; w_lpl = 3; noise threshold tau between 3 and 6
-(5 here); DDIM 50 steps with CFG 1.5 at 256 px and 2.0 at 512 px; v-prediction with zero-terminal SNR; flows with
-the OT path, SD3's mode sampling with heavy tails and the Euler sampler; 16 images per GPU with LPL (Table 7).
+From the paper (sections 4.1, 4.3, A): MMDiT denoiser (Esser et al.) with 28 blocks of width 1536; the asymmetric
+autoencoder for the main results (SDXL's for ablations), d = 8, C = 4; quadratic ("scaled_linear") beta schedule
+0.00085..0.012; pre-training 600k iterations at 256 px; post-training 200k (256 px) or 120k (512 px) iterations; EMA
+0.9999 without LPL, 0.99975 with; w_lpl = 3; noise threshold tau between 3 and 6 (5 here); DDIM 50 steps with CFG
+1.5 at 256 px and 2.0 at 512 px; v-prediction with zero-terminal SNR; flows with the OT path, SD3's mode sampling
+with heavy tails and the Euler sampler; 16 images per GPU with LPL (Table 7).
 
-Not stated in the paper, chosen here: the MMDiT size (28 blocks, width 1536, the scale of the paper's FLOP
-analysis), the global batch (256 = 16 per GPU x 16 GPUs, the two A100 nodes of Table 7), AdamW with lr 1e-4,
-no weight decay, 1k warmup steps in pre-training, gradient clipping at 1.0, label dropout 0.1 (for CFG), and the
-ImageNet crop (centred square, horizontal flips).
+The paper gives that size as 796M parameters; this two-stream MMDiT has 2.36B. With a modulation shared across
+blocks (`--config.model.modulation=single`, adaLN-single) it has 1.59B, and a single-stream DiT with it
+(`--config.model.kind=dit`) 811.9M, 2.0% above the paper's figure; none is within 1%, so the default stays the
+architecture the paper names (lpl_jax/models/mmdit.py compares the counts).
+
+Not stated in the paper, chosen here: the global batch (256 = 16 per GPU x 16 GPUs, the two A100 nodes of Table 7),
+AdamW with lr 1e-4, no weight decay, 1k warmup steps in pre-training, gradient clipping at 1.0, label dropout 0.1
+(for CFG), and the ImageNet crop (centred square, horizontal flips).
 """
 
 from configs import common

@@ -100,6 +100,24 @@ class Formulation:
       return x_t + alpha * pred
     return (x_t - alpha * pred) / jnp.maximum(sigma, _TINY)
 
+  def min_snr_weight(self, t: jax.Array, gamma: float) -> jax.Array:
+    """Min-SNR-gamma loss weights `[B]` (Hang et al. 2023): the weighting that makes this formulation's loss
+    `min(SNR_t, gamma) |x0 - x0_hat|^2`, SNR_t = alpha_t^2 / sigma_t^2. An error `e` in the model output is an error
+    `s_t e` in x0_hat (`x0_hat`: s = sigma/alpha for eps, sigma for v and for flows, 1 for x0), so the weight of the
+    squared output error is `min(SNR, gamma) s^2`: min(1, gamma / SNR) for eps, min(SNR, gamma) / (SNR + 1) for v
+    (alpha^2 + sigma^2 = 1), min(alpha^2, gamma sigma^2) for flows, min(SNR, gamma) for x0 (gamma where sigma = 0).
+
+    References:
+      Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy", ICCV 2023, Eq. 8 and section 3.4.
+    """
+    alpha, sigma = self.alpha_sigma(t)
+    a2, s2 = jnp.square(alpha), jnp.square(sigma)
+    if self.name == 'ddpm_eps':  # min(SNR, g) / SNR; alpha > 0 (eps excludes zero terminal SNR)
+      return jnp.minimum(1.0, gamma * s2 / a2)
+    if self.name == 'ddpm_x0':
+      return jnp.where(s2 > 0, jnp.minimum(a2 / jnp.where(s2 > 0, s2, 1.0), gamma), gamma)
+    return jnp.minimum(a2, gamma * s2)  # v and flows: min(SNR, g) * sigma^2
+
   def loss(self, pred: jax.Array, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
     """Per-sample diffusion loss `[B]`: mean squared error to the target over all but the batch axis, in float32."""
     err = jnp.square(pred.astype(jnp.float32) - self.target(x0, eps, t).astype(jnp.float32))

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 NORMALIZATIONS = ('paper', 'shared', 'default', 'none')
+NORM_AXES = ('space', 'channels')
 DEPTH_WEIGHTS = ('inverse_upscale', 'power_law', 'uniform')
 DISTANCES = ('l2', 'l1')
 REDUCTIONS = ('sum', 'mean')
@@ -33,6 +34,11 @@ class LPLConfig:
     normalization: `'paper'` (per-channel standardisation over unmasked positions with the prediction's statistics,
       for both tensors), `'shared'` (both divided by the target's channel L2 norm, eps 1e-6), `'default'` (each by
       its own channel L2 norm, eps 1e-10, as LPIPS), `'none'`.
+    norm_axis: what the `'paper'` standardisation reduces over: `'space'` (each channel over its positions, section
+      3.2) or `'channels'` (each position over its channels, Eq. 3's wording and LPIPS). The other normalisations
+      work on channel vectors and ignore it.
+    stats_gradient: let the gradient flow through the prediction's mean and std in the `'paper'` standardisation.
+      Off by default: through them the loss rewards inflating the prediction's feature variance (docs/lpl.md).
     distance: `'l2'` (squared error) or `'l1'`.
     depth_weights: `'inverse_upscale'` (first used tap's resolution / this tap's), `'power_law'` (2^-min(i, 3) for
       tap i), `'uniform'`; `layer_weights` (one per used tap) overrides it.
@@ -61,6 +67,8 @@ class LPLConfig:
   approx_top_k: bool = False
   approx_recall: float = 0.95
   normalization: str = 'paper'
+  norm_axis: str = 'space'
+  stats_gradient: bool = False
   distance: str = 'l2'
   depth_weights: str = 'inverse_upscale'
   layer_weights: tuple[float, ...] | None = None
@@ -78,6 +86,7 @@ class LPLConfig:
   def __post_init__(self):
     for name, allowed in (
       ('normalization', NORMALIZATIONS),
+      ('norm_axis', NORM_AXES),
       ('depth_weights', DEPTH_WEIGHTS),
       ('distance', DISTANCES),
       ('reduction', REDUCTIONS),
@@ -150,6 +159,8 @@ PRESETS: dict[str, LPLConfig] = {
     outlier_layers=(2, 3, 4),
     mask_source='pred',
     normalization='paper',
+    norm_axis='space',
+    stats_gradient=False,
     distance='l2',
     depth_weights='inverse_upscale',
     reduction='sum',

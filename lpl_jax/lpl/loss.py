@@ -134,7 +134,9 @@ def lpl_loss(
 
   Returns:
     `(loss [B], aux)`; aux holds `layer_loss [B, L]` (the unweighted per-tap distances of the used taps),
-    `outlier_fraction [B, L]` (fraction of positions masked, 0 where no mask) and `layer_weights [L]`.
+    `outlier_fraction [B, L]` (fraction of positions masked, 0 where no mask), `std_ratio [B, L]` (the prediction's
+    feature std over the target's, mean over channels, before normalisation: `terms.std_ratio`) and
+    `layer_weights [L]`.
   """
   chex.assert_rank([z0_hat, z0], 4)
   chex.assert_equal_shape([z0_hat, z0])
@@ -152,7 +154,12 @@ def lpl_loss(
       raise ValueError("LPLConfig.space='image' needs a features_fn with .decode (use make_features_fn).")
     pred, target = features_fn.decode(z0_hat), jax.lax.stop_gradient(features_fn.decode(z0))
     loss = terms.masked_distance(pred, target, distance=cfg.distance)
-    aux = dict(layer_loss=loss[:, None], outlier_fraction=jnp.zeros_like(loss)[:, None], layer_weights=jnp.ones((1,)))
+    aux = dict(
+      layer_loss=loss[:, None],
+      outlier_fraction=jnp.zeros_like(loss)[:, None],
+      std_ratio=terms.std_ratio(pred, target)[:, None],
+      layer_weights=jnp.ones((1,)),
+    )
     return _weighted(loss, sample_weights), aux
 
   depth = cfg.deepest_block
@@ -167,11 +174,14 @@ def lpl_loss(
     weights = terms.depth_weights(cfg.depth_weights, layers, [t.shape[1] for t in targets])
   masks = layer_masks(preds if cfg.mask_source == 'pred' else targets, cfg, image_size)
 
-  layer_losses, fractions = [], []
+  layer_losses, fractions, ratios = [], [], []
   for pred, target, mask in zip(preds, targets, masks, strict=True):
     if mask is not None:
       target = jnp.where(mask, target, 0.0)  # Algorithm 1 returns the masked features
-    pred, target = terms.normalize(cfg.normalization, pred, target, mask)
+    ratios.append(terms.std_ratio(pred, target, mask))
+    pred, target = terms.normalize(
+      cfg.normalization, pred, target, mask, axis=cfg.norm_axis, stats_gradient=cfg.stats_gradient
+    )
     layer_losses.append(terms.masked_distance(pred, target, mask, distance=cfg.distance))
     fractions.append(jnp.zeros(pred.shape[0]) if mask is None else 1.0 - jnp.mean(mask, axis=(1, 2, 3)))
 
@@ -180,7 +190,12 @@ def lpl_loss(
   loss = jnp.sum(layer_loss * w, axis=1)
   if cfg.reduction == 'mean':
     loss = loss / len(layers)
-  aux = dict(layer_loss=layer_loss, outlier_fraction=jnp.stack(fractions, axis=1), layer_weights=w)
+  aux = dict(
+    layer_loss=layer_loss,
+    outlier_fraction=jnp.stack(fractions, axis=1),
+    std_ratio=jnp.stack(ratios, axis=1),
+    layer_weights=w,
+  )
   return _weighted(loss, sample_weights), aux
 
 

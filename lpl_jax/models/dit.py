@@ -11,6 +11,11 @@ Parameter counts (`jax.eval_shape`, any resolution): DiT-XL/2 has 674,816,272 pa
 stores as a frozen `nn.Parameter`; here it is a constant) and the learned-sigma half of the output projection
 (1152 x 16 + 16 = 18,448): 674,816,272 + 294,912 + 18,448 = 675,129,632.
 
+With `modulation='single'` (PixArt-alpha's adaLN-single, Chen et al. 2024, section 2.3: one modulation Linear
+shared by the blocks, a learned `[6, D]` table per block) at the LPL paper's size, 28 blocks of width 1536 with 24
+heads, patch 2 and 1,000 classes, the model has 811,880,464 parameters, the closest of the candidates that
+`lpl_jax.models.mmdit`'s docstring compares with the paper's 796M.
+
 The timestep is used as given: DiT's DDPM timesteps are 0..999; a flow formulation with t in [0, 1] should scale
 it (x1000, as SD3 does) so that the 256 sinusoidal features resolve it.
 
@@ -37,7 +42,8 @@ class DiTBlock(nn.Module):
   """adaLN-Zero block: `x + gate_msa * Attn(modulate(LN(x)))`, then `x + gate_mlp * MLP(modulate(LN(x)))`.
 
   The six modulation vectors come from `c` through a zero-initialised Linear, so at initialisation every gate is 0
-  and the block is the identity.
+  and the block is the identity. With `modulation='single'` they are the model's shared vectors plus the block's
+  learned table (adaLN-single, `layers.ModulationTable`; small random gates at initialisation, as in PixArt-alpha).
   """
 
   hidden_size: int
@@ -45,15 +51,17 @@ class DiTBlock(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  modulation: str = 'block'
 
   @nn.compact
-  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-    """`x [B, L, D]` (residual stream, at least float32), `c [B, D]` -> `[B, L, D]`."""
+  def __call__(self, x: jax.Array, c: jax.Array | list[jax.Array]) -> jax.Array:
+    """`x [B, L, D]` (residual stream, at least float32), `c [B, D]` -> `[B, L, D]`. With `modulation='single'`,
+    `c` is the model's 6 shared modulation arrays `[B, D]` (`layers.shared_modulation`), to which the block adds
+    its table."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d, heads = self.hidden_size, self.num_heads
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = L.AdaLNModulation(
-      6, d, name='adaLN_modulation', **kw
-    )(c)
+    adaln = L.block_modulation(self.modulation, 6, d, **kw)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln(c)
     h = L.modulate(L.layer_norm(self.dtype, name='norm1')(x), shift_msa, scale_msa)
     q, k, v = jnp.unstack(L.qkv_projection(heads, d // heads, name='qkv', **kw)(h), axis=2)
     attn = L.out_projection(d, name='proj', **kw)(L.attention(q, k, v))
@@ -78,6 +86,8 @@ class DiT(nn.Module):
       attention softmax stay in at least float32; the output is at least float32.
     param_dtype: parameter dtype.
     remat: rematerialise each block (`nn.remat`) so the backward pass keeps only block boundaries.
+    modulation: `'block'` (DiT's adaLN-Zero, a modulation Linear per block) or `'single'` (PixArt-alpha's
+      adaLN-single: one shared Linear, a learned table per block; see the module docstring).
   """
 
   patch_size: int = 2
@@ -90,6 +100,7 @@ class DiT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  modulation: str = 'block'
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
@@ -105,6 +116,7 @@ class DiT(nn.Module):
     """
     L.check_latents('DiT', x, t, self.in_channels, self.patch_size)
     L.check_labels('DiT', y, x.shape[0])
+    L.check_modulation('DiT', self.modulation)
     if self.hidden_size % self.num_heads:
       raise ValueError(f'DiT: hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}.')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -116,12 +128,14 @@ class DiT(nn.Module):
     tokens = tokens.astype(L.at_least_f32(self.dtype)) + L.sincos_pos_embed_2d(d, gh, gw)
     cond = L.TimestepEmbedder(d, name='t_embedder', **kw)(jnp.broadcast_to(t, (b,)))
     cond = cond + L.class_table(self.num_classes + 1, d, name='y_embedder', **kw)(y)
+    block_cond = L.shared_modulation(self.modulation, cond, **kw)
 
     block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
     tokens = L.constrain_tokens(tokens)
     for i in range(self.depth):
-      tokens = L.constrain_tokens(block_cls(d, self.num_heads, self.mlp_ratio, name=f'blocks_{i}', **kw)(tokens, cond))
-    out = L.FinalLayer(p * p * c, name='final_layer', **kw)(tokens, cond)
+      block = block_cls(d, self.num_heads, self.mlp_ratio, modulation=self.modulation, name=f'blocks_{i}', **kw)
+      tokens = L.constrain_tokens(block(tokens, block_cond))
+    out = L.FinalLayer(p * p * c, modulation=self.modulation, name='final_layer', **kw)(tokens, cond)
     out = L.unpatchify(out, p, gh, gw)
     return out.astype(L.at_least_f32(out.dtype))
 

@@ -4,11 +4,21 @@ Parameters are kept in `param_dtype` and carry logical axis names (`lpl_jax.mode
 `dtype`, with LayerNorm statistics, attention logits and softmax in at least float32. Initialisation follows DiT
 (Peebles & Xie 2023, `models.py::initialize_weights`): Xavier-uniform kernels and zero biases, N(0, 0.02) for the
 timestep MLP and the class table, zeros for every adaLN modulation and for the final projection (adaLN-Zero).
+
+Modulation, one of `MODULATIONS` (the models' `modulation` attribute):
+  - `'block'`: every block (and every MMDiT stream) computes its shift/scale/gate vectors from the conditioning `c`
+    with its own SiLU + Linear `D -> 6D` (DiT's adaLN-Zero, SD3's blocks): 6 D^2 weights per block and stream.
+  - `'single'`: adaLN-single (Chen et al., "PixArt-alpha", ICLR 2024, section 2.3): one SiLU + Linear `D -> 6D` of
+    `c` for the whole model, and per block only a learned table `[6, D]` added to its output; the final layer adds a
+    `[2, D]` table to `c` itself. Initialised as PixArt-alpha's code does: tables `randn(n, D) / sqrt(D)`, the shared
+    Linear N(0, 0.02) with zero bias. The blocks are then not the identity at initialisation (their gates are the
+    tables' small random values); the model's output still is 0 (zero final projection).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +36,20 @@ MAX_PERIOD = 10_000.0
 XAVIER = nn.initializers.xavier_uniform()
 ZEROS = nn.initializers.zeros_init()
 NORMAL_002 = nn.initializers.normal(stddev=0.02)
+MODULATIONS = ('block', 'single')
+
+
+def table_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+  """PixArt-alpha's `scale_shift_table` initialisation: `randn(n, D) / sqrt(D)`."""
+  return jax.random.normal(key, shape, dtype) * shape[-1] ** -0.5
+
+
+def check_modulation(model: str, modulation: str) -> None:
+  if modulation not in MODULATIONS:
+    raise ValueError(
+      f"{model}: modulation={modulation!r}; expected 'block' (a modulation Linear in every block, adaLN-Zero) or "
+      "'single' (one shared Linear and a learned table per block, PixArt-alpha's adaLN-single)."
+    )
 
 
 def at_least_f32(dtype: Dtype) -> Dtype:
@@ -226,12 +250,14 @@ class Mlp(nn.Module):
 
 
 class AdaLNModulation(nn.Module):
-  """SiLU -> zero-initialised Linear `D -> n * D`, split into `n` arrays `[B, D]` (shift, scale, gate, ...)."""
+  """SiLU -> Linear `D -> n * D` (zero-initialised unless `kernel_init` says otherwise), split into `n` arrays
+  `[B, D]` (shift, scale, gate, ...)."""
 
   num_chunks: int
   features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel_init: Any = ZEROS
 
   @nn.compact
   def __call__(self, c: jax.Array) -> list[jax.Array]:
@@ -240,10 +266,55 @@ class AdaLNModulation(nn.Module):
       (axes.EMBED, axes.ADALN),
       self.dtype,
       self.param_dtype,
-      kernel_init=ZEROS,
+      kernel_init=self.kernel_init,
       name='linear',
     )(nn.silu(c))
     return jnp.split(out, self.num_chunks, axis=-1)
+
+
+class ModulationTable(nn.Module):
+  """adaLN-single's per-block part: the shared modulation vectors plus this block's learned `scale_shift_table
+  [num_chunks, D]` (PixArt-alpha section 2.3; diffusers' `PixArtTransformer2DModel` blocks). The sum is in `dtype`,
+  as a block's own modulation Linear computes in `dtype`."""
+
+  num_chunks: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, shared: Sequence[jax.Array]) -> list[jax.Array]:
+    """`shared`: at least `num_chunks` arrays `[B, D]`, of which the first `num_chunks` are used (a context stream
+    that is pre-only takes the attention's shift and scale) -> `num_chunks` arrays `[B, D]`."""
+    d = shared[0].shape[-1]
+    table = self.param(
+      'scale_shift_table',
+      nn.with_logical_partitioning(table_init, (None, axes.EMBED)),
+      (self.num_chunks, d),
+      self.param_dtype,
+    )
+    table = jnp.asarray(table, self.dtype)
+    return [jnp.asarray(s, self.dtype) + table[i] for i, s in enumerate(shared[: self.num_chunks])]
+
+
+def block_modulation(
+  modulation: str, num_chunks: int, features: int, dtype: Dtype, param_dtype: Dtype, name: str = 'adaLN_modulation'
+) -> AdaLNModulation | ModulationTable:
+  """The modulation of one block or stream: its own Linear of `c` (`'block'`), called with `c [B, D]`, or a table
+  added to the shared vectors (`'single'`), called with the list of 6 shared arrays `[B, D]`."""
+  check_modulation('block_modulation', modulation)
+  if modulation == 'single':
+    return ModulationTable(num_chunks, dtype=dtype, param_dtype=param_dtype, name=name)
+  return AdaLNModulation(num_chunks, features, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def shared_modulation(modulation: str, c: jax.Array, dtype: Dtype, param_dtype: Dtype) -> jax.Array | list[jax.Array]:
+  """What a model's blocks take as their conditioning: `c [B, D]` itself (`'block'`), or adaLN-single's one shared
+  SiLU + Linear `D -> 6D` of it, as 6 arrays `[B, D]` (`'single'`; N(0, 0.02) kernel as in PixArt-alpha)."""
+  if modulation == 'block':
+    return c
+  return AdaLNModulation(
+    6, c.shape[-1], dtype=dtype, param_dtype=param_dtype, kernel_init=NORMAL_002, name='adaLN_single'
+  )(c)
 
 
 class TimestepEmbedder(nn.Module):
@@ -261,15 +332,20 @@ class TimestepEmbedder(nn.Module):
 
 
 class FinalLayer(nn.Module):
-  """adaLN (shift, scale) -> LayerNorm -> modulate -> zero-initialised Linear to `p*p*C_out` per token."""
+  """adaLN (shift, scale) -> LayerNorm -> modulate -> zero-initialised Linear to `p*p*C_out` per token.
+
+  With `modulation='single'` the shift and scale are a learned `[2, D]` table plus `c` itself, with no Linear
+  (PixArt-alpha's `T2IFinalLayer`, which adds the timestep embedding to its table)."""
 
   out_features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  modulation: str = 'block'
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    shift, scale = AdaLNModulation(2, x.shape[-1], name='adaLN_modulation', **kw)(c)
+    adaln = block_modulation(self.modulation, 2, x.shape[-1], **kw)
+    shift, scale = adaln([c, c] if self.modulation == 'single' else c)
     h = modulate(layer_norm(self.dtype, name='norm_final')(x), shift, scale)
     return dense(self.out_features, (axes.EMBED, axes.PATCH), kernel_init=ZEROS, name='linear', **kw)(h)

@@ -19,6 +19,10 @@ Conditioning, chosen by `context_dim` when the model is built:
     projected to the width, and `c = t_emb + MLP(pooled)` when `pooled_dim` is set (SD3's pooled CLIP vector).
     `model.apply(v, x, t, context=ctx, pooled=pooled)`.
 
+Modulation (`modulation`): `'block'` as in SD3, or `'single'`, PixArt-alpha's adaLN-single: one Linear of `c` for
+the whole model and, per block and stream, a learned table added to it (a pre-only context stream takes the
+attention's shift and scale). `lpl_jax.models.layers` describes both.
+
 Positions: image tokens get the fixed 2D sin-cos embedding (SD3 crops it from a larger grid around the centre;
 here positions start at 0, as in DiT); context tokens get none.
 
@@ -28,11 +32,30 @@ with SD3's encoders (`context_dim=4096, pooled_dim=2048`) 2,368,103,440, exactly
 `SD3Transformer2DModel` of the same size. The LPL paper (section 4.1) reports 796M for "28 blocks with a hidden size
 of 1,536". A two-stream block of width D holds 36 D^2 weights (per stream: adaLN 6 D^2, qkv 3 D^2, output D^2,
 MLP 8 D^2), 84.9M at D = 1536, so 28 such blocks cannot total 796M. The paper's figure is close to
-28 x 12 D^2 = 792.7M (one stream's attention and MLP weights) plus the embedders, which suggests that it leaves out
-the modulation and the context stream; we keep the architecture and report the count as it is.
+28 x 12 D^2 = 792.7M: one stream's attention and MLP weights per block and no per-block modulation Linear, which is
+what a class-conditional model comes to with PixArt-alpha's adaLN-single (Chen et al. 2024, section 2.3;
+`modulation='single'`, see `lpl_jax.models.layers`). Exact counts at that size with 1,000 classes (`jax.eval_shape`,
+embedders and final layer included):
+
+  architecture at 28 blocks x 1536                                          parameters     vs 796M
+  two-stream MMDiT, a modulation Linear per block and stream (default)  2,359,377,424     +196.4%
+  (a) two-stream MMDiT, adaLN-single (`modulation='single'`)            1,585,537,552      +99.2%
+  (b) single-stream DiT, adaLN-single (`DiT(..., modulation='single')`)    811,880,464       +2.0%
+  (c) MMDiT whose two streams share weights, adaLN-single: (b) plus the
+      class-token table of the context stream (1001 x 1536)                813,418,000       +2.2%
+
+(b) is the closest: 28 x (12 D^2 + 15 D) = 793,368,576 in the blocks (attention and MLP with their biases, and each
+block's 6 x D table), 6 D^2 + 6 D = 14,164,992 in the shared modulation Linear, and 4,346,896 in the patch, timestep
+and class embedders and the final layer. None is within 1% of 796M; the shared modulation Linear alone is 1.8% of it,
+and (b) without it, 797,715,472, is 0.2% above it: the paper's figure is consistent with a count of the attention, MLP
+and embedding weights that leaves the modulation out. The configs therefore keep this model with a modulation
+Linear per block and stream, the architecture the paper names, and report its count as it is; adaLN-single is an
+option of both denoisers (`model.modulation`).
 
 References:
   Esser et al. 2024, section 4 and figure 2; diffusers `JointTransformerBlock` and `SD3Transformer2DModel`.
+  Chen et al., "PixArt-alpha", ICLR 2024, section 2.3 (adaLN-single); diffusers `AdaLayerNormSingle` and the
+  `scale_shift_table` of `PixArtTransformer2DModel`'s blocks.
 """
 
 from __future__ import annotations
@@ -61,11 +84,12 @@ class StreamLayers(nn.Module):
   pre_only: bool
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  modulation: str = 'block'
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d, heads = self.hidden_size, self.num_heads
-    self.adaLN_modulation = L.AdaLNModulation(2 if self.pre_only else 6, d, **kw)
+    self.adaLN_modulation = L.block_modulation(self.modulation, 2 if self.pre_only else 6, d, **kw)
     self.norm1 = L.layer_norm(self.dtype)
     self.qkv = L.qkv_projection(heads, d // heads, **kw)
     if self.qk_norm:
@@ -78,8 +102,9 @@ class StreamLayers(nn.Module):
       self.norm2 = L.layer_norm(self.dtype)
       self.mlp = L.Mlp(int(d * self.mlp_ratio), **kw)
 
-  def pre(self, x: jax.Array, c: jax.Array) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:
-    """`x [B, L, D]`, `c [B, D]` -> (`q, k, v`, each `[B, L, heads, head_dim]`; the modulation vectors)."""
+  def pre(self, x: jax.Array, c: jax.Array | list[jax.Array]) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:
+    """`x [B, L, D]`, `c [B, D]` (or the 6 shared modulation arrays, `modulation='single'`) -> (`q, k, v`, each
+    `[B, L, heads, head_dim]`; the modulation vectors)."""
     mods = self.adaLN_modulation(c)
     q, k, v = jnp.unstack(self.qkv(L.modulate(self.norm1(x), mods[0], mods[1])), axis=2)
     if self.qk_norm:  # RMSNorm over each head's features (SD3 section 5.3.2, for stable bf16 training)
@@ -95,7 +120,9 @@ class StreamLayers(nn.Module):
 
 class MMDiTBlock(nn.Module):
   """Joint-attention block: `(x [B, N, D], ctx [B, T, D], c [B, D]) -> (x, ctx)`; `ctx` is `None` when
-  `context_pre_only`. Identity on both streams at initialisation (zero adaLN gates)."""
+  `context_pre_only`. Identity on both streams at initialisation (zero adaLN gates). With `modulation='single'`,
+  `c` is the model's 6 shared modulation arrays `[B, D]` and each stream adds its own table to them (small random
+  gates at initialisation, as in PixArt-alpha)."""
 
   hidden_size: int
   num_heads: int
@@ -104,9 +131,12 @@ class MMDiTBlock(nn.Module):
   context_pre_only: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  modulation: str = 'block'
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(
+    self, x: jax.Array, ctx: jax.Array, c: jax.Array | list[jax.Array]
+  ) -> tuple[jax.Array, jax.Array | None]:
     kw = dict(
       hidden_size=self.hidden_size,
       num_heads=self.num_heads,
@@ -114,6 +144,7 @@ class MMDiTBlock(nn.Module):
       qk_norm=self.qk_norm,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      modulation=self.modulation,
     )
     image = StreamLayers(pre_only=False, name='image', **kw)
     context = StreamLayers(pre_only=self.context_pre_only, name='context', **kw)
@@ -147,6 +178,8 @@ class MMDiT(nn.Module):
       least float32; the output is at least float32.
     param_dtype: parameter dtype.
     remat: rematerialise each block (`nn.remat`).
+    modulation: `'block'` (SD3: a modulation Linear per block and stream) or `'single'` (PixArt-alpha's
+      adaLN-single: one shared Linear, a learned table per block and stream; see the module docstring).
   """
 
   patch_size: int = 2
@@ -163,6 +196,7 @@ class MMDiT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  modulation: str = 'block'
 
   @nn.compact
   def __call__(
@@ -207,19 +241,29 @@ class MMDiT(nn.Module):
         hid = nn.silu(L.dense(d, (axes.TEXT, axes.MLP), name='pooled_embedder_fc1', **kw)(pooled))
         cond = cond + L.dense(d, (axes.MLP, axes.EMBED), name='pooled_embedder_fc2', **kw)(hid)
     ctx = ctx.astype(residual)
+    block_cond = L.shared_modulation(self.modulation, cond, **kw)
 
     block_cls = nn.remat(MMDiTBlock) if self.remat else MMDiTBlock
     for i in range(self.depth):
       tokens, ctx = L.constrain_tokens(tokens), L.constrain_tokens(ctx)
-      tokens, ctx = block_cls(
-        d, self.num_heads, self.mlp_ratio, self.qk_norm, context_pre_only=i == self.depth - 1, name=f'blocks_{i}', **kw
-      )(tokens, ctx, cond)
+      block = block_cls(
+        d,
+        self.num_heads,
+        self.mlp_ratio,
+        self.qk_norm,
+        context_pre_only=i == self.depth - 1,
+        modulation=self.modulation,
+        name=f'blocks_{i}',
+        **kw,
+      )
+      tokens, ctx = block(tokens, ctx, block_cond)
     tokens = L.constrain_tokens(tokens)
-    out = L.FinalLayer(p * p * c, name='final_layer', **kw)(tokens, cond)
+    out = L.FinalLayer(p * p * c, modulation=self.modulation, name='final_layer', **kw)(tokens, cond)
     out = L.unpatchify(out, p, gh, gw)
     return out.astype(L.at_least_f32(out.dtype))
 
   def _check_conditioning(self, batch: int, y, context, pooled) -> None:
+    L.check_modulation('MMDiT', self.modulation)
     if self.hidden_size % self.num_heads:
       raise ValueError(f'MMDiT: hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}.')
     if self.depth < 1:

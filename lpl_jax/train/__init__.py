@@ -15,7 +15,17 @@ from lpl_jax.train.sharding import (
   replicate,
   to_host,
 )
-from lpl_jax.train.state import OptimConfig, TrainState, create_state, ema_update, learning_rate, make_optimizer
+from lpl_jax.train.state import (
+  OptimConfig,
+  TrainState,
+  create_state,
+  ema_update,
+  initial_loss_stats,
+  learning_rate,
+  make_optimizer,
+  update_loss_stats,
+  variance_ratio,
+)
 from lpl_jax.train.step import StepConfig, lpl_term, stratified_timesteps, train_step
 
 __all__ = [
@@ -30,6 +40,7 @@ __all__ = [
   'ema_update',
   'global_batch',
   'init_state',
+  'initial_loss_stats',
   'jit_train_step',
   'learning_rate',
   'lpl_term',
@@ -41,4 +52,6 @@ __all__ = [
   'stratified_timesteps',
   'to_host',
   'train_step',
+  'update_loss_stats',
+  'variance_ratio',
 ]

@@ -53,6 +53,7 @@ def make_denoiser(exp: Experiment, latent_channels: int) -> DiT | MMDiT:
     in_channels=latent_channels,
     dtype=DTYPES[m.dtype],
     remat=m.remat,
+    modulation=m.modulation,
   )
   if m.kind == 'dit':
     return DiT(num_classes=m.num_classes, **kw)

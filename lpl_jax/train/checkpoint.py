@@ -1,7 +1,8 @@
 """Checkpoints: the train state and the data iterator's state, saved together with orbax.
 
 - `<directory>/<step>/` as orbax's `CheckpointManager` writes it: items `state` (the `TrainState`, its PRNG key
-  stored as raw key data) and `data` (the iterator state, JSON).
+  stored as raw key data) and `data` (the iterator state, JSON). A state saved before the `TrainState` held its
+  running loss variances (`loss_stats`) restores with them at zero.
 - Saves are asynchronous (the step loop goes on while the arrays are written) and atomic: orbax writes into a
   temporary folder and renames it when complete, so a run killed mid-save leaves the previous checkpoint as the
   latest. A checkpoint that is present but unreadable (truncated files) is skipped on restore, with a one-line
@@ -16,13 +17,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import signal
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -38,6 +43,21 @@ def _to_storable(state: TrainState) -> TrainState:
       return state.replace(rng=jax.eval_shape(jax.random.key_data, state.rng))
     state = state.replace(rng=jax.random.key_data(state.rng))
   return state
+
+
+def _without_loss_stats(metadata: Any) -> bool:
+  """A state saved before `TrainState` had `loss_stats` (they restore as fresh running averages, zero)."""
+  tree = getattr(metadata, 'tree', metadata)
+  return isinstance(tree, Mapping) and 'params' in tree and 'loss_stats' not in tree
+
+
+def _zeros_like(tree: Any) -> Any:
+  def zeros(x):
+    value = jnp.zeros(x.shape, x.dtype)
+    sharding = getattr(x, 'sharding', None)
+    return jax.device_put(value, sharding) if sharding is not None else value
+
+  return jax.tree.map(zeros, tree)
 
 
 # Folders that `Checkpointer(quarantine=True)` moves aside, and where to.
@@ -161,9 +181,16 @@ class Checkpointer:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_storable(target))
     for s in steps:
       try:
-        out = self._manager.restore(
-          s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+        older = hasattr(target, 'loss_stats') and _without_loss_stats(
+          ocp.StandardCheckpointHandler().metadata(self.directory / str(s) / 'state')
         )
+        fields = [f.name for f in dataclasses.fields(type(target)) if f.name != 'loss_stats']
+        want = {f: getattr(abstract, f) for f in fields} if older else abstract
+        out = self._manager.restore(
+          s, args=ocp.args.Composite(state=ocp.args.StandardRestore(want), data=ocp.args.JsonRestore())
+        )
+        if older:
+          out = dict(out, state=type(target)(**out['state'], loss_stats=_zeros_like(target.loss_stats)))
       except Exception as e:  # any unreadable checkpoint: fall back to the previous one
         if step is not None:
           raise

@@ -11,6 +11,7 @@ error named by its config section (`from_section`), not a second time.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -91,6 +92,7 @@ class ModelSection:
   context_len: int
   pooled_dim: int
   qk_norm: bool
+  modulation: str  # 'block' or 'single' (adaLN-single); lpl_jax.models.layers
   dtype: str
   remat: bool
 
@@ -131,6 +133,8 @@ class LPLSection:
   start_step: int
   chunk: int
   normalize: str
+  norm_axis: str
+  stats_gradient: bool
   groups: int
   remat: bool
   num_blocks: int
@@ -138,8 +142,14 @@ class LPLSection:
 
 @dataclasses.dataclass(frozen=True)
 class StepSection:
+  """`loss_weighting`: `'none'`, `'min_snr'` (with `min_snr_gamma`) or `'lpl_variance'` (Eq. 15, needs `lpl.enabled`;
+  the LPL branch then only measures, `StepConfig`); `stats_decay`: decay of the running loss variances."""
+
   label_dropout: float
   accum_steps: int
+  loss_weighting: str
+  min_snr_gamma: float
+  stats_decay: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,7 +362,12 @@ def lpl_config(section: LPLSection) -> lpl_lib.LPLConfig | None:
   """The loss config: the preset, with the fields the section sets (see `LPLSection`); None when LPL is off."""
   if not section.enabled:
     return None
-  overrides = dict(remat=section.remat, num_blocks=section.num_blocks)
+  overrides = dict(
+    remat=section.remat,
+    num_blocks=section.num_blocks,
+    norm_axis=section.norm_axis,
+    stats_gradient=section.stats_gradient,
+  )
   for name, unset in (('weight', -1), ('gate', ''), ('tau', -1), ('t_threshold', -1)):
     if getattr(section, name) != unset:
       overrides[name] = getattr(section, name)
@@ -397,6 +412,9 @@ def step_config(exp: Experiment, *, num_devices: int | None = None) -> StepConfi
       lpl_normalize=lpl_normalize(exp.lpl),
       label_dropout=exp.step.label_dropout,
       null_class=exp.model.num_classes,
+      loss_weighting=exp.step.loss_weighting,
+      min_snr_gamma=exp.step.min_snr_gamma,
+      stats_decay=exp.step.stats_decay,
       accum_steps=exp.step.accum_steps,
     ),
   )
@@ -409,9 +427,33 @@ def latent_shape(exp: Experiment) -> tuple[int, int, int]:
   return side, side, ae_cfg.latent_channels
 
 
+# Fields added after runs were first written, with the value that reproduces what such a run did: `load_run` fills
+# them in a `config.json` that lacks them, so sampling and evaluating an older run keep working.
+ADDED_FIELDS = {
+  'model.modulation': 'block',
+  'lpl.norm_axis': 'space',
+  'lpl.stats_gradient': True,  # the statistics used to be differentiated
+  'step.loss_weighting': 'none',
+  'step.min_snr_gamma': 5.0,
+  'step.stats_decay': 0.99,
+  'optim.ema_start_step': 0,
+  'sample.spacing': 'leading',
+  'guard': {'loss_spike': 0.0, 'window': 100, 'max_grad_norm': 0.0},
+}
+
+
 def load_run(workdir: str) -> Experiment:
-  """The experiment a training run (a local or remote workdir) was started with (its `config.json`)."""
+  """The experiment a training run (a local or remote workdir) was started with (its `config.json`); fields added
+  since the run was written take the values it ran with (`ADDED_FIELDS`)."""
   path = epath.Path(workdir) / 'config.json'
   if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist: the workdir must be a training run of lpl_jax.main.')
-  return Experiment.from_config_dict(json.loads(path.read_text()))
+  tree = json.loads(path.read_text())
+  for dotted, value in ADDED_FIELDS.items():
+    *sections, name = dotted.split('.')
+    node = tree
+    for section in sections:
+      node = node.get(section) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+      node.setdefault(name, copy.deepcopy(value))
+  return Experiment.from_config_dict(tree)

@@ -70,11 +70,37 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 @flax.struct.dataclass
 class TrainState:
+  """`loss_stats`: exponential moving averages of the across-row variances of the per-row diffusion and LPL losses
+  (`{'diffusion_var', 'lpl_var'}`, float32 scalars, `update_loss_stats`), which Eq. 15's timestep reweighting reads;
+  zero until a step has computed LPL."""
+
   step: jax.Array
   params: Any
   opt_state: Any
   ema_params: Any
   rng: jax.Array
+  loss_stats: Any
+
+
+LOSS_STATS = ('diffusion_var', 'lpl_var')
+
+
+def initial_loss_stats() -> dict[str, jax.Array]:
+  return {k: jnp.zeros((), jnp.float32) for k in LOSS_STATS}
+
+
+def update_loss_stats(stats: Any, batch: dict[str, jax.Array], decay: float, on: jax.Array) -> Any:
+  """`stats <- decay * stats + (1 - decay) * batch` where `on` (a traced bool), unchanged elsewhere; the first update
+  takes the batch's values as they are, so the averages carry no start-up bias towards 0."""
+  first = stats['diffusion_var'] == 0
+  d = jnp.where(first, 0.0, decay)
+  return {k: jnp.where(on, d * stats[k] + (1.0 - d) * batch[k], stats[k]) for k in LOSS_STATS}
+
+
+def variance_ratio(stats: Any) -> jax.Array:
+  """sigma^2_LPL / sigma^2_l2 of Eq. 15 from the running averages; 0 before any."""
+  var = stats['diffusion_var']
+  return jnp.where(var > 0, stats['lpl_var'] / jnp.where(var > 0, var, 1.0), 0.0)
 
 
 def create_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -85,6 +111,7 @@ def create_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.
     opt_state=optimizer.init(params),
     ema_params=jax.tree.map(jnp.copy, params),
     rng=rng,
+    loss_stats=initial_loss_stats(),
   )
 
 

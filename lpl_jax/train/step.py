@@ -19,9 +19,17 @@ from jax.sharding import PartitionSpec as P
 from lpl_jax import lpl as lpl_lib
 from lpl_jax.autoencoder import AutoencoderKL
 from lpl_jax.diffusion import Formulation, TimestepSampler
-from lpl_jax.train.state import OptimConfig, TrainState, ema_update, learning_rate
+from lpl_jax.train.state import (
+  OptimConfig,
+  TrainState,
+  ema_update,
+  learning_rate,
+  update_loss_stats,
+  variance_ratio,
+)
 
 BATCH_AXES = ('data', 'fsdp')
+LOSS_WEIGHTINGS = ('none', 'min_snr', 'lpl_variance')
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -43,6 +51,12 @@ class StepConfig:
     lpl_normalize: `'batch'`: the LPL rows' sum divided by the global batch size (eq. 3's expectation over all
       samples, with the gate zero elsewhere); `'rows'`: divided by the number of LPL rows (the reference code).
     label_dropout: probability of replacing a label by `null_class` (classifier-free guidance training).
+    loss_weighting: per-row weights of the diffusion loss: `'none'`; `'min_snr'` (Hang et al. 2023, with
+      `min_snr_gamma`, `Formulation.min_snr_weight`); `'lpl_variance'` (the paper's Eq. 15, the baseline of its
+      Table 6: rows below the LPL gate weighted by `1 + w_lpl * sigma^2_LPL / sigma^2_l2`, the ratio of the running
+      variances in `TrainState.loss_stats`). With `'lpl_variance'` the LPL branch runs as a probe only: its values
+      feed the variance, it adds nothing to the loss and has no backward pass.
+    stats_decay: decay of the running loss variances (updated on every step that computes LPL).
     accum_steps: gradient accumulation: the global batch is processed as this many micro-batches (a `lax.scan`),
       their gradients summed, and the optimizer applied once. Timesteps, noise and label dropout are drawn for the
       whole batch first, so the update equals the one-pass update on the same batch (up to summation order). Each
@@ -61,9 +75,18 @@ class StepConfig:
   lpl_normalize: str = 'batch'
   label_dropout: float = 0.1
   null_class: int = 1000
+  loss_weighting: str = 'none'
+  min_snr_gamma: float = 5.0
+  stats_decay: float = 0.99
   accum_steps: int = 1
 
   def __post_init__(self):
+    if self.loss_weighting not in LOSS_WEIGHTINGS:
+      raise ValueError(f'StepConfig.loss_weighting={self.loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}.')
+    if self.loss_weighting == 'lpl_variance' and (self.lpl is None or self.lpl_rows_per_group == 0):
+      raise ValueError("loss_weighting='lpl_variance' (Eq. 15) needs LPL on, for its gate, weight and variance.")
+    if self.min_snr_gamma <= 0 or not 0 <= self.stats_decay < 1:
+      raise ValueError(f'min_snr_gamma={self.min_snr_gamma} must be > 0 and stats_decay={self.stats_decay} in [0, 1).')
     if self.lpl_normalize not in ('batch', 'rows'):
       raise ValueError(f"StepConfig.lpl_normalize={self.lpl_normalize!r}; expected 'batch' or 'rows'.")
     if self.lpl_rows_per_group < 0 or self.lpl_chunk < 0:
@@ -81,13 +104,16 @@ def _local_lpl(
   cfg: StepConfig,
   groups: int,
   axes: tuple[str, ...] | None,
+  probe: bool = False,
 ):
-  """LPL of the first K rows of each of this device's `groups` groups: `(sum of per-row losses, per-layer loss
-  sums [L], outlier-fraction sums [L])`, summed over devices when `axes` are given (inside shard_map).
+  """LPL of the first K rows of each of this device's `groups` groups: `(sum of the per-row losses, sum of their
+  squares, per-layer sums [3, L] of the per-tap loss, outlier fraction and predicted/target feature std ratio)`,
+  summed over devices when `axes` are given (inside shard_map).
 
   Only the loss sum carries a gradient, to `z0_hat`. It is computed in the forward pass, chunk by chunk (a
   `lax.map`: the decoder's activations are one chunk's), and kept as the residual: the backward pass only scales it,
-  so neither decoder branch runs again (a `jax.checkpoint` around each chunk would rerun both forwards).
+  so neither decoder branch runs again (a `jax.checkpoint` around each chunk would rerun both forwards). A `probe`
+  computes the values only, with no gradient.
   """
   k, chunk = cfg.lpl_rows_per_group * groups, cfg.lpl_chunk or cfg.lpl_rows_per_group * groups
   if k % chunk:
@@ -102,35 +128,41 @@ def _local_lpl(
     rest = jnp.zeros((groups, like.shape[0] // groups - cfg.lpl_rows_per_group) + like.shape[1:], g.dtype)
     return jnp.concatenate([g, rest], axis=1).reshape(like.shape).astype(like.dtype)
 
-  def forward(z0_hat, z0, ae_params):
+  def forward(z0_hat, z0, ae_params, with_grad):
     features_fn = lpl_lib.make_features_fn(ae_model, ae_params, cfg.lpl)
 
     def chunk_loss(zh, z):
       loss, aux = lpl_lib.lpl_loss(features_fn, zh, z, cfg.lpl)
-      return jnp.sum(loss), (jnp.sum(aux['layer_loss'], 0), jnp.sum(aux['outlier_fraction'], 0))
+      per_layer = jnp.stack([jnp.sum(aux[k], 0) for k in ('layer_loss', 'outlier_fraction', 'std_ratio')])
+      return jnp.sum(loss), (jnp.sum(jnp.square(loss)), per_layer)
 
     def one_chunk(args):
-      (loss, (layer, frac)), grad = jax.value_and_grad(chunk_loss, has_aux=True)(*args)
-      return loss, layer, frac, grad
+      if not with_grad:
+        return chunk_loss(*args), None
+      return jax.value_and_grad(chunk_loss, has_aux=True)(*args)
 
-    loss, layer, frac, grad = jax.lax.map(one_chunk, (chunks(z0_hat), chunks(z0)))
-    return (jnp.sum(loss), jnp.sum(layer, 0), jnp.sum(frac, 0)), unchunk(grad, z0_hat)
+    (loss, (sq, per_layer)), grad = jax.lax.map(one_chunk, (chunks(z0_hat), chunks(z0)))
+    out = (jnp.sum(loss), jnp.sum(sq), jnp.sum(per_layer, 0))
+    return out, (unchunk(grad, z0_hat) if with_grad else None)
 
   @jax.custom_vjp
   def lpl_sums(z0_hat, z0, ae_params):
-    return forward(z0_hat, z0, ae_params)[0]
+    return forward(z0_hat, z0, ae_params, True)[0]
 
   def lpl_sums_bwd(res, cts):
     grad, z0, ae_params = res
     return (cts[0] * grad, jnp.zeros_like(z0), jax.tree.map(jnp.zeros_like, ae_params))
 
   def lpl_sums_fwd(z0_hat, z0, ae_params):
-    out, grad = forward(z0_hat, z0, ae_params)
+    out, grad = forward(z0_hat, z0, ae_params, True)
     return out, (grad, z0, ae_params)
 
   lpl_sums.defvjp(lpl_sums_fwd, lpl_sums_bwd)
-  loss, layer, frac = lpl_sums(z0_hat, z0, ae_params)
-  out = (loss, jax.lax.stop_gradient(layer), jax.lax.stop_gradient(frac))  # metrics: no gradient
+  if probe:
+    loss, sq, per_layer = jax.lax.stop_gradient(forward(jax.lax.stop_gradient(z0_hat), z0, ae_params, False)[0])
+  else:
+    loss, sq, per_layer = lpl_sums(z0_hat, z0, ae_params)
+  out = (loss, jax.lax.stop_gradient(sq), jax.lax.stop_gradient(per_layer))  # metrics: no gradient
   if axes:
     out = jax.lax.psum(out, axes)
   return out
@@ -145,13 +177,16 @@ def lpl_term(
   cfg: StepConfig,
   mesh: Mesh | None,
   groups: int,
+  probe: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Sums over all LPL rows of all devices; each device works on its local rows (shard_map over the batch)."""
+  """Sums over all LPL rows of all devices, `(loss, loss squared, per-layer [3, L])` (`_local_lpl`); each device
+  works on its local rows (shard_map over the batch)."""
   shards = 1 if mesh is None else mesh.size
+  kw = dict(ae_model=ae_model, cfg=cfg, probe=probe)
   if shards == 1:
-    return _local_lpl(z0_hat, z0, ae_params, ae_model=ae_model, cfg=cfg, groups=groups, axes=None)
+    return _local_lpl(z0_hat, z0, ae_params, groups=groups, axes=None, **kw)
   fn = jax.shard_map(
-    lambda zh, z, p: _local_lpl(zh, z, p, ae_model=ae_model, cfg=cfg, groups=groups // shards, axes=BATCH_AXES),
+    lambda zh, z, p: _local_lpl(zh, z, p, groups=groups // shards, axes=BATCH_AXES, **kw),
     mesh=mesh,
     in_specs=(P(BATCH_AXES), P(BATCH_AXES), P()),
     out_specs=P(),
@@ -225,11 +260,29 @@ def noise_batch(
   return Noised(z0, eps, cfg.formulation.add_noise(z0, eps, t), t, cond)
 
 
+def lpl_row_mask(batch: int, groups: int, rows_per_group: int) -> jax.Array:
+  """`[batch]` True on the LPL rows: the first `rows_per_group` of each of the `groups` equal blocks."""
+  return jnp.arange(batch) % (batch // groups) < rows_per_group
+
+
+def diffusion_weights(cfg: StepConfig, rows: Noised, ratio: jax.Array, active: jax.Array, groups: int) -> jax.Array:
+  """Per-row weights `[B]` of the diffusion loss (`StepConfig.loss_weighting`); `ratio` is Eq. 15's
+  sigma^2_LPL / sigma^2_l2 and only counts once `active`."""
+  b = rows.t.shape[0]
+  if cfg.loss_weighting == 'min_snr':
+    return cfg.formulation.min_snr_weight(rows.t, cfg.min_snr_gamma)
+  if cfg.loss_weighting == 'lpl_variance':
+    gated = lpl_row_mask(b, groups, cfg.lpl_rows_per_group)
+    return 1.0 + cfg.lpl.weight * ratio * active * gated
+  return jnp.ones((b,), jnp.float32)
+
+
 def loss_fn(
   params: Any,
   rows: Noised,
   ae_params: Any,
   active: jax.Array,
+  ratio: jax.Array,
   *,
   model: Any,
   cfg: StepConfig,
@@ -242,32 +295,54 @@ def loss_fn(
   """`rows`' share of the step's loss (the sum over the micro-batches is the batch's loss) and its metrics.
 
   `groups` are this micro-batch's stratification groups, `batch_size` the whole step's rows; `active` (traced)
-  switches the LPL term on without recompiling.
+  switches the LPL term on without recompiling; `ratio` is the variance ratio of Eq. 15 (`diffusion_weights`).
+  Metrics under `sums/` are sums over rows, for the running loss variances; `train_step` takes them out.
   """
   form = cfg.formulation
   cond = dict(rows.cond)
   pred = model.apply({'params': params}, rows.z_t, form.model_time(rows.t), cond.pop('y', None), **cond)
-  diffusion = jnp.mean(form.loss(pred, rows.z0, rows.eps, rows.t)) / accum
+  per_row = form.loss(pred, rows.z0, rows.eps, rows.t)
+  diffusion = jnp.mean(per_row) / accum
+  weighted = jnp.mean(diffusion_weights(cfg, rows, ratio, active, groups) * per_row) / accum
   metrics = {'loss/diffusion': diffusion}
   if cfg.lpl is None or cfg.lpl_rows_per_group == 0:
-    return diffusion, metrics
+    return weighted, metrics
   z0_hat = form.x0_hat(rows.z_t, pred, rows.t)
   num_layers = len(cfg.lpl.used_layers)
+  probe = cfg.loss_weighting == 'lpl_variance'
 
   def compute(z0_hat):
-    return lpl_term(z0_hat, rows.z0, ae_params, ae_model=ae_model, cfg=cfg, mesh=mesh, groups=groups)
+    return lpl_term(z0_hat, rows.z0, ae_params, ae_model=ae_model, cfg=cfg, mesh=mesh, groups=groups, probe=probe)
 
   def skip(z0_hat):
-    return jnp.zeros(()), jnp.zeros(num_layers), jnp.zeros(num_layers)
+    return jnp.zeros(()), jnp.zeros(()), jnp.zeros((3, num_layers))
 
-  lpl_sum, layer_sum, frac_sum = jax.lax.cond(active, compute, skip, z0_hat)
+  lpl_sum, lpl_sq, (layer_sum, frac_sum, ratio_sum) = jax.lax.cond(active, compute, skip, z0_hat)
   lpl_rows = cfg.lpl_rows_per_group * groups * accum  # LPL rows of the whole step
-  total = diffusion + cfg.lpl.weight * lpl_sum / (batch_size if cfg.lpl_normalize == 'batch' else lpl_rows)
+  total = weighted
+  if not probe:
+    total = total + cfg.lpl.weight * lpl_sum / (batch_size if cfg.lpl_normalize == 'batch' else lpl_rows)
   metrics['loss/lpl'] = lpl_sum / lpl_rows
   for j in range(num_layers):
     metrics[f'lpl/layer_{j}'] = layer_sum[j] / lpl_rows
     metrics[f'lpl/outlier_fraction_{j}'] = frac_sum[j] / lpl_rows
+    # > 1: the predicted features vary more than the target's (docs/lpl.md, the normaliser's gradient).
+    metrics[f'lpl/std_ratio_{j}'] = ratio_sum[j] / lpl_rows
+  stop = jax.lax.stop_gradient
+  metrics.update(
+    {
+      'sums/diffusion': stop(jnp.sum(per_row)),
+      'sums/diffusion_sq': stop(jnp.sum(jnp.square(per_row))),
+      'sums/lpl': stop(lpl_sum),
+      'sums/lpl_sq': lpl_sq,
+    }
+  )
   return total, metrics
+
+
+def _variance(total: jax.Array, squares: jax.Array, n: int) -> jax.Array:
+  mean = total / n
+  return jnp.maximum(squares / n - jnp.square(mean), 0.0)
 
 
 def accumulated_grads(
@@ -320,6 +395,7 @@ def train_step(
     loss_fn,
     ae_params=ae_params,
     active=active,
+    ratio=variance_ratio(state.loss_stats),
     model=model,
     cfg=cfg,
     ae_model=ae_model,
@@ -330,9 +406,19 @@ def train_step(
   )
   grad_fn = jax.value_and_grad(bound, has_aux=True)
   total, metrics, grads = accumulated_grads(grad_fn, state.params, rows, shards=shards, accum=accum, mesh=mesh)
+  loss_stats = state.loss_stats
   if cfg.lpl is not None and cfg.lpl_rows_per_group > 0:
+    sums = {k: metrics.pop(f'sums/{k}') for k in ('diffusion', 'diffusion_sq', 'lpl', 'lpl_sq')}
+    lpl_rows = cfg.lpl_rows_per_group * groups
+    batch_vars = {
+      'diffusion_var': _variance(sums['diffusion'], sums['diffusion_sq'], b),
+      'lpl_var': _variance(sums['lpl'], sums['lpl_sq'], lpl_rows),
+    }
+    loss_stats = update_loss_stats(loss_stats, batch_vars, cfg.stats_decay, active)
     metrics.update(
       {
+        # Eq. 15's sigma^2_LPL / sigma^2_l2 of the running variances, after this step (docs/lpl.md).
+        'lpl/variance_ratio': variance_ratio(loss_stats),
         'lpl/rows': jnp.asarray(cfg.lpl_rows_per_group * groups * active, jnp.int32),
         # The share of the batch the gate lets through: what LPL costs (docs/reproduce.md).
         'lpl/rows_fraction': jnp.asarray(cfg.lpl_rows_per_group * groups / b, jnp.float32) * active,
@@ -348,6 +434,7 @@ def train_step(
     opt_state=opt_state,
     rng=rng,
     ema_params=ema_update(state.ema_params, params, step, cfg.optim),
+    loss_stats=loss_stats,
   )
   metrics.update(
     {

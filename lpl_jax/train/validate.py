@@ -11,6 +11,7 @@ import jax
 from lpl_jax import autoencoder as ae_lib
 from lpl_jax import diffusion
 from lpl_jax import lpl as lpl_lib
+from lpl_jax.models.layers import MODULATIONS
 from lpl_jax.train.config import (
   DATA_KINDS,
   DTYPES,
@@ -27,6 +28,7 @@ from lpl_jax.train.config import (
   timestep_sampler,
 )
 from lpl_jax.train.sharding import mesh_shape
+from lpl_jax.train.step import LOSS_WEIGHTINGS
 
 
 def validate(
@@ -90,6 +92,18 @@ def _check_loop(exp: Experiment) -> None:
     lp.normalize in ('', 'batch', 'rows'),
     f"lpl.normalize={lp.normalize!r}; expected 'batch', 'rows', or '' for the preset's.",
   )
+  st = exp.step
+  check(
+    st.loss_weighting in LOSS_WEIGHTINGS,
+    f'step.loss_weighting={st.loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}.',
+  )
+  check(
+    st.loss_weighting != 'lpl_variance' or lp.enabled,
+    "step.loss_weighting='lpl_variance' (Eq. 15) needs lpl.enabled=True: the LPL branch measures the variance it "
+    'reads (and is not trained on).',
+  )
+  check(st.min_snr_gamma > 0, f'step.min_snr_gamma={st.min_snr_gamma}; expected > 0.')
+  check(0 <= st.stats_decay < 1, f'step.stats_decay={st.stats_decay}; expected in [0, 1).')
 
 
 def _check_data_and_model(exp: Experiment) -> None:
@@ -100,6 +114,11 @@ def _check_data_and_model(exp: Experiment) -> None:
   check(d.latent_sampling in ('sample', 'mean'), f"data.latent_sampling={d.latent_sampling!r}; 'sample' or 'mean'.")
   check(d.global_batch > 0, f'data.global_batch={d.global_batch}; expected > 0.')
   check(m.kind in MODEL_KINDS, f'model.kind={m.kind!r}; expected one of {MODEL_KINDS}.')
+  check(
+    m.modulation in MODULATIONS,
+    f"model.modulation={m.modulation!r}; expected 'block' (a modulation Linear per block) or 'single' "
+    '(adaLN-single: one shared Linear and a table per block).',
+  )
   for field, value in (('model.dtype', m.dtype), ('autoencoder.dtype', exp.autoencoder.dtype)):
     check(value in DTYPES, f'{field}={value!r}; expected one of {sorted(DTYPES)}.')
   check(

@@ -63,15 +63,25 @@ def test_reference_preset_matches_pytorch(diffusers_folder, norm):
   assert rel(np.transpose(grad, (0, 3, 1, 2)), zh.grad) <= 1e-4
 
 
-def test_paper_preset_matches_pytorch(diffusers_folder):
+@pytest.mark.parametrize('axis', ['space', 'channels'])
+@pytest.mark.parametrize('stats_gradient', [False, True])
+def test_paper_preset_matches_pytorch(diffusers_folder, axis, stats_gradient):
+  """Both readings of the standardisation's axis, with and without a gradient through the prediction's statistics,
+  equal the PyTorch transcription (tests/lpl/torch_lpl.py): loss and gradient w.r.t. z0_hat."""
   folder, vae = diffusers_folder('tiny')
   model, params = _load(folder)
-  cfg = lpl.LPLConfig.from_preset('paper')
+  cfg = lpl.LPLConfig.from_preset('paper', norm_axis=axis, stats_gradient=stats_gradient)
   z0_hat, z0 = latents(1)
   loss, aux = jax_loss(model, params, cfg)(params, z0_hat, z0)
-  expected = torch_lpl.paper_lpl(vae, nchw(z0_hat), nchw(z0))
+  zh = nchw(z0_hat).requires_grad_(True)
+  expected = torch_lpl.paper_lpl(vae, zh, nchw(z0), axis=axis, stats_gradient=stats_gradient)
   assert rel(loss, expected.detach()) <= 1e-5
   np.testing.assert_allclose(aux['layer_weights'], [1, 0.5, 0.25, 0.125, 0.125])
+  expected.sum().backward()
+  grad = jax.jit(jax.grad(lambda zh: jnp.sum(lpl.lpl_loss(lpl.make_features_fn(model, params, cfg), zh, z0, cfg)[0])))(
+    z0_hat
+  )
+  assert rel(np.transpose(grad, (0, 3, 1, 2)), zh.grad) <= 1e-4
 
 
 @pytest.fixture(scope='module')
@@ -138,8 +148,10 @@ def test_gradient_matches_float64_finite_differences(tiny):
     model64 = ae.from_preset('tiny', dtype=jnp.float64, param_dtype=jnp.float64)
     params64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
     z0_hat, z0 = (jnp.asarray(x, jnp.float64) for x in latents(4, shape=(1, 4, 4, 4), spike=False))
-    for preset in ('paper', 'reference'):
-      cfg = lpl.LPLConfig.from_preset(preset)
+    # The gradient of the loss as a function: the paper's standardisation with its statistics differentiated (with
+    # stats_gradient=False they are constants of the backward pass by design; the PyTorch test checks that one).
+    for preset, overrides in (('paper', dict(stats_gradient=True)), ('reference', {})):
+      cfg = lpl.LPLConfig.from_preset(preset, **overrides)
       fn = lpl.make_features_fn(model64, params64, cfg)
       check_grads(
         lambda zh, cfg=cfg, fn=fn: lpl.lpl_loss(fn, zh, z0, cfg)[0],

@@ -82,10 +82,11 @@ def reference_lpl(
   return sum(losses) / len(losses)
 
 
-def paper_lpl(vae, z0_hat, z0, *, num_blocks=4, outlier_layers=(2, 3, 4), eps=1e-6):
+def paper_lpl(vae, z0_hat, z0, *, num_blocks=4, outlier_layers=(2, 3, 4), eps=1e-6, axis='space', stats_gradient=False):
   """Per-sample LPL [B] of the paper's text: eq. 3 with the mask from the PREDICTED features (Algorithm 1, down
-  factor = output / layer resolution), per-channel standardisation of both tensors with the prediction's mean and
-  (population) variance over unmasked positions, omega_l = r_first / r_l, masked mean over positions, mean over
+  factor = output / layer resolution), standardisation of both tensors with the prediction's mean and (population)
+  variance over unmasked entries: per channel over positions (`axis='space'`) or per position over channels
+  (`'channels'`), detached unless `stats_gradient`; omega_l = r_first / r_l, masked mean over positions, mean over
   channels, sum over layers; post_quant_conv applied."""
   sf = vae.config.scaling_factor
   shift = vae.config.get('shift_factor') or 0.0
@@ -101,8 +102,11 @@ def paper_lpl(vae, z0_hat, z0, *, num_blocks=4, outlier_layers=(2, 3, 4), eps=1e
     else:
       mask = torch.ones_like(p)
     count = mask.sum(dim=(2, 3), keepdim=True).clamp(min=1)
-    mean = (p * mask).sum(dim=(2, 3), keepdim=True) / count
-    var = (((p - mean) ** 2) * mask).sum(dim=(2, 3), keepdim=True) / count
+    dims = (2, 3) if axis == 'space' else (1,)  # NCHW: positions, or channels
+    n = mask.sum(dim=dims, keepdim=True).clamp(min=1)
+    stats = p if stats_gradient else p.detach()
+    mean = (stats * mask).sum(dim=dims, keepdim=True) / n
+    var = (((stats - mean) ** 2) * mask).sum(dim=dims, keepdim=True) / n
     p_n, t_n = (p - mean) / torch.sqrt(var + eps), (t - mean) / torch.sqrt(var + eps)
     layer = ((((p_n - t_n) ** 2) * mask).sum(dim=(2, 3)) / count[..., 0, 0]).mean(dim=1)
     total = total + layer * (pred[0].shape[-1] / p.shape[-1])

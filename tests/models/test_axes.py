@@ -26,22 +26,28 @@ def boxed_leaves(params):
   return [(jax.tree_util.keystr(path), leaf) for path, leaf in flat]
 
 
+NAMES = ['dit', 'mmdit_class', 'mmdit_text', 'dit_single', 'mmdit_single']
+
+
 def configurations(tiny: bool):
   x, t, y = inputs(1, 8 if tiny else 32, 8 if tiny else 32)
   ctx, pooled = jnp.zeros((1, 5, 12 if tiny else 4096)), jnp.zeros((1, 10 if tiny else 2048))
   text = dict(context_dim=ctx.shape[-1], pooled_dim=pooled.shape[-1], qk_norm=True)
   if tiny:
-    dit, mm = models.DiT(**TINY), functools.partial(models.MMDiT, **TINY)
-  else:
-    dit, mm = models.DiT_XL_2(), models.MMDiT_paper
+    dit, mm = functools.partial(models.DiT, **TINY), functools.partial(models.MMDiT, **TINY)
+  else:  # DiT-XL/2; with adaLN-single, DiT at the LPL paper's size (28 x 1536)
+    dit, mm = models.DiT_XL_2, models.MMDiT_paper
+  dit_single = functools.partial(models.DiT, **(TINY if tiny else dict(hidden_size=1536, num_heads=24)))
   return {
-    'dit': (dit, x, t, dict(y=y)),
+    'dit': (dit(), x, t, dict(y=y)),
     'mmdit_class': (mm(num_class_tokens=2), x, t, dict(y=y)),
     'mmdit_text': (mm(**text), x, t, dict(context=ctx, pooled=pooled)),
+    'dit_single': (dit_single(modulation='single'), x, t, dict(y=y)),
+    'mmdit_single': (mm(**text, modulation='single'), x, t, dict(context=ctx, pooled=pooled)),
   }
 
 
-@pytest.mark.parametrize('name', ['dit', 'mmdit_class', 'mmdit_text'])
+@pytest.mark.parametrize('name', NAMES)
 def test_every_parameter_has_logical_axes(name):
   model, x, t, cond = configurations(tiny=True)[name]
   leaves = boxed_leaves(abstract_params(model, x, t, **cond))
@@ -57,10 +63,11 @@ def test_every_parameter_has_logical_axes(name):
   assert all(len(s) >= 1 for s in jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)))
 
 
-@pytest.mark.parametrize('name', ['dit', 'mmdit_class', 'mmdit_text'])
+@pytest.mark.parametrize('name', NAMES)
 def test_fsdp_rules_shard_every_matrix_of_the_full_size_models(name):
-  """DiT-XL/2 and the paper's MMDiT: each kernel and embedding table gets exactly one dimension on `fsdp`, and
-  every sharded dimension (biases included) divides over 16 devices."""
+  """DiT-XL/2, the paper's MMDiT and both with adaLN-single at 28 x 1536: each kernel and embedding table gets
+  exactly one dimension on `fsdp`, and every sharded dimension (biases and adaLN-single's tables included) divides
+  over 16 devices."""
   model, x, t, cond = configurations(tiny=False)[name]
   rules = axes.fsdp_rules()
   for path, leaf in boxed_leaves(abstract_params(model, x, t, **cond)):
@@ -69,6 +76,17 @@ def test_fsdp_rules_shard_every_matrix_of_the_full_size_models(name):
     if path.endswith(("['kernel']", "['embedding']")):
       assert len(sharded) == 1, (path, leaf.names)
     assert all(dim % 16 == 0 for dim in sharded), (path, leaf.value.shape, leaf.names)
+
+
+def test_adaln_single_tables_are_named_like_the_width():
+  """adaLN-single's per-block tables `[n, D]` name their width `EMBED` (sharded with the residual stream's width);
+  the shared Linear is named as every modulation Linear, `[EMBED, ADALN]`."""
+  model, x, t, cond = configurations(tiny=True)['mmdit_single']
+  leaves = dict(boxed_leaves(abstract_params(model, x, t, **cond)))
+  tables = {path: leaf for path, leaf in leaves.items() if path.endswith("['scale_shift_table']")}
+  assert len(tables) == 2 * TINY['depth'] + 1
+  assert all(leaf.names == (None, axes.EMBED) for leaf in tables.values())
+  assert leaves["['adaLN_single']['linear']['kernel']"].names == (axes.EMBED, axes.ADALN)
 
 
 def test_params_initialise_directly_in_their_sharded_layout():

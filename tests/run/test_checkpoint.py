@@ -133,3 +133,29 @@ def test_keeps_the_last_k_and_saves_on_the_interval(tmp_path):
     assert ckpt.all_steps() == [4, 6]
   with pytest.raises(ValueError, match='save_every=0'):
     Checkpointer(tmp_path, save_every=0)
+
+
+def test_a_state_saved_without_loss_stats_restores_with_them_at_zero(tmp_path):
+  """Checkpoints written before the train state held its running loss variances restore (the variances start at 0),
+  and the run's next save holds them."""
+  import orbax.checkpoint as ocp
+
+  old = _state(5)
+  fields = {
+    'step': old.step,
+    'params': old.params,
+    'opt_state': old.opt_state,
+    'ema_params': old.ema_params,
+    'rng': jax.random.key_data(old.rng),
+  }
+  manager = ocp.CheckpointManager(tmp_path, item_names=('state', 'data'))
+  manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(fields), data=ocp.args.JsonSave({'n': 1})))
+  manager.wait_until_finished()
+  manager.close()
+  with Checkpointer(tmp_path, save_every=1) as ckpt:
+    state, data, step = ckpt.restore(
+      _state(0).replace(loss_stats={'diffusion_var': jnp.float32(1), 'lpl_var': jnp.float32(2)})
+    )
+  assert step == 7 and data == {'n': 1}
+  _same(state, old)
+  assert jax.tree.map(float, state.loss_stats) == {'diffusion_var': 0.0, 'lpl_var': 0.0}

@@ -8,6 +8,7 @@ import pytest
 
 from lpl_jax import data as data_lib
 from lpl_jax.train import build
+from lpl_jax.train import config as config_lib
 from lpl_jax.train.config import ConfigError, Experiment, step_config
 from lpl_jax.train.validate import validate
 from tests.run import common
@@ -118,6 +119,10 @@ def _demo(**overrides):
     ('lpl.preset', 'papers', "lpl: unknown LPL preset 'papers'"),
     ('sample.spacing', 'uniform', "sample.spacing='uniform'; known: ('leading', 'trailing', 'linspace')"),
     ('guard.loss_spike', 0.5, 'guard.loss_spike=0.5; expected 0 (off) or a factor > 1'),
+    ('lpl.norm_axis', 'rows', "lpl: LPLConfig.norm_axis='rows'"),
+    ('step.loss_weighting', 'snr', "step.loss_weighting='snr'; expected one of"),
+    ('step.min_snr_gamma', 0.0, 'step.min_snr_gamma=0.0; expected > 0'),
+    ('step.stats_decay', 1.0, 'step.stats_decay=1.0; expected in'),
   ],
 )
 def test_inconsistent_config_is_named(field, value, message):
@@ -138,6 +143,27 @@ def test_the_config_must_declare_every_field_and_no_other():
 def test_a_run_config_round_trips_through_json():
   exp = _demo()
   assert Experiment.from_config_dict(json.loads(exp.to_json())) == exp
+
+
+def test_eq15_weighting_needs_lpl():
+  with pytest.raises(ConfigError, match="step.loss_weighting='lpl_variance' \\(Eq. 15\\) needs lpl.enabled=True"):
+    validate(_demo(**{'lpl.enabled': False, 'step.loss_weighting': 'lpl_variance'}), num_devices=1, check_files=False)
+
+
+def test_an_older_run_config_loads_with_the_values_it_ran_with(tmp_path):
+  """A run's config.json written before fields were added (sampling and evaluating it must keep working)."""
+  tree = json.loads(_demo().to_json())
+  for dotted in config_lib.ADDED_FIELDS:
+    *sections, name = dotted.split('.')
+    node = tree
+    for section in sections:
+      node = node[section]
+    del node[name]
+  (tmp_path / 'config.json').write_text(json.dumps(tree))
+  exp = config_lib.load_run(str(tmp_path))
+  assert exp.lpl.stats_gradient is True and exp.model.modulation == 'block' and exp.step.loss_weighting == 'none'
+  assert exp.guard.loss_spike == 0 and exp.sample.spacing == 'leading'
+  assert exp.replace(lpl={'stats_gradient': False}) == _demo()
 
 
 def test_files_a_config_names_are_checked(tmp_path):
