@@ -100,3 +100,34 @@ def diffusers_folder(tmp_path_factory):
     return cache[kind]
 
   return get
+
+
+@pytest.fixture(scope='session')
+def compilation_cache_dir(tmp_path_factory):
+  """The session's persistent compilation cache: the trainer subprocesses (`tests.run.common.cli_env`), notebook
+  kernels and in-process runs (`compilation_cache`) that share it compile each program once per session."""
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+@pytest.fixture
+def compilation_cache(compilation_cache_dir):
+  """This process compiles through the session's persistent cache while the test runs: what a trainer subprocess, or
+  an earlier run in the test, compiled is loaded instead of compiled again. Then no cache, as before."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+
+  settings = {
+    'jax_compilation_cache_dir': str(compilation_cache_dir),
+    'jax_persistent_cache_min_compile_time_secs': 0,
+    'jax_persistent_cache_min_entry_size_bytes': 0,
+  }
+  saved = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  cc.reset_cache()  # the cache is set up at the next compilation, with these settings
+  try:
+    yield compilation_cache_dir
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    cc.reset_cache()

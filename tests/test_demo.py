@@ -13,8 +13,7 @@ import pytest
 from configs import demo_cpu
 from lpl_jax.train.config import Experiment
 from lpl_jax.workflows import miniature
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.run import common
 
 
 def _run(workdir):
@@ -23,12 +22,13 @@ def _run(workdir):
 
 
 @pytest.mark.slow
-def test_demo_quick_writes_the_report(tmp_path, capsys):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+def test_demo_quick_writes_the_report(tmp_path, capsys, compilation_cache):
+  # The session's compilation cache: the second run (in this process) loads what the first compiled, and the
+  # experiment notebook, the same pipeline, what both did.
   proc = subprocess.run(
     [sys.executable, '-m', 'lpl_jax.demo', f'--workdir={tmp_path}', '--quick'],
-    cwd=ROOT,
-    env=env,
+    cwd=common.ROOT,
+    env=common.cli_env(compilation_cache),
     capture_output=True,
     text=True,
     timeout=1800,

@@ -6,11 +6,14 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.run import common
+
+ROOT = common.ROOT
 
 
-def _execute(name, tmp_path, monkeypatch, **env):
-  for k, v in dict(LPL_NOTEBOOK_QUICK='1', PYTHONPATH=ROOT, **env).items():
+def _execute(name, tmp_path, monkeypatch, cache, **env):
+  # The kernel compiles through the session's compilation cache (what the demo's test and the CLI tests compiled).
+  for k, v in dict(common.cli_env(cache), LPL_NOTEBOOK_QUICK='1', **env).items():
     monkeypatch.setenv(k, v)
   nb = nbformat.read(os.path.join(ROOT, 'notebooks', name), as_version=4)
   assert all(not c.get('outputs') for c in nb.cells if c.cell_type == 'code'), 'commit notebooks with outputs stripped'
@@ -23,8 +26,8 @@ def _text(nb):
 
 
 @pytest.mark.slow
-def test_quickstart_runs(tmp_path, monkeypatch):
-  nb = _execute('lpl_quickstart.ipynb', tmp_path, monkeypatch, LPL_AE_FOLDER='')
+def test_quickstart_runs(tmp_path, monkeypatch, compilation_cache_dir):
+  nb = _execute('lpl_quickstart.ipynb', tmp_path, monkeypatch, compilation_cache_dir, LPL_AE_FOLDER='')
   text = _text(nb)
   assert 'RANDOM weights' in text and 'perturbation  0.40: LPL' in text
   assert 'baseline {' in text and 'LPL {' in text
@@ -33,7 +36,9 @@ def test_quickstart_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_experiment_notebook_runs(tmp_path, monkeypatch):
-  nb = _execute('lpl_experiment.ipynb', tmp_path, monkeypatch, LPL_NOTEBOOK_WORKDIR=str(tmp_path / 'demo'))
+def test_experiment_notebook_runs(tmp_path, monkeypatch, compilation_cache_dir):
+  nb = _execute(
+    'lpl_experiment.ipynb', tmp_path, monkeypatch, compilation_cache_dir, LPL_NOTEBOOK_WORKDIR=str(tmp_path / 'demo')
+  )
   assert os.path.isfile(tmp_path / 'demo' / 'report.md')
   assert '"frechet_small_domain"' in _text(nb)

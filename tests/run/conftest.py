@@ -1,4 +1,4 @@
-"""The trainer subprocesses of this folder's tests share one persistent compilation cache."""
+"""The trainer subprocesses of this folder's tests share the session's persistent compilation cache."""
 
 import pytest
 
@@ -6,5 +6,5 @@ from tests.run import common
 
 
 @pytest.fixture(scope='session')
-def env(tmp_path_factory):
-  return common.cli_env(tmp_path_factory.mktemp('jax_cache'))
+def env(compilation_cache_dir):
+  return common.cli_env(compilation_cache_dir)

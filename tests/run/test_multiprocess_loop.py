@@ -1,5 +1,6 @@
-"""The whole loop on 2 processes (jax.distributed, gloo) writes what 1 process writes: metrics, sample grids (the
-images gathered from both processes), checkpoints, config and status, through a resume."""
+"""The whole loop with LPL on 2 processes x 2 CPU devices (jax.distributed, gloo) writes what 1 process x 4 devices
+writes: metrics (the LPL loss among them), sample grids (the images gathered from both processes), checkpoints
+(params within 1e-5), config and status, through a resume."""
 
 import json
 import os
@@ -37,38 +38,46 @@ def _params(workdir, step):
 
 
 @pytest.mark.slow
-def test_two_processes_write_what_one_process_writes(tmp_path):
+def test_two_processes_write_what_one_process_writes(tmp_path, diffusers_folder):
   port = common.free_port()
+  folder, _ = diffusers_folder('tiny')  # the tiny preset's architecture, random weights
   cmd = [sys.executable, '-m', 'tests.run.multiprocess_loop']
   multi, single = tmp_path / 'multi', tmp_path / 'single'
   procs = [
     subprocess.Popen(
-      cmd + [str(multi), str(port), str(i)],
+      cmd + [str(multi), folder, str(port), str(i)],
       cwd=common.ROOT,
-      env=_env(1, tmp_path / 'cache_multi'),
+      env=_env(2, tmp_path / 'cache_multi'),
       stderr=subprocess.PIPE,
       text=True,
     )
     for i in range(2)
   ]
-  subprocess.run(cmd + [str(single)], cwd=common.ROOT, env=_env(2, tmp_path / 'cache_single'), check=True, timeout=900)
+  subprocess.run(
+    cmd + [str(single), folder], cwd=common.ROOT, env=_env(4, tmp_path / 'cache_single'), check=True, timeout=900
+  )
   for p in procs:
     _, err = p.communicate(timeout=900)
     assert p.returncode == 0, err[-3000:]
 
   one, two = _metrics(single), _metrics(multi)
   assert [r['step'] for r in one] == [r['step'] for r in two] == [1, 2, 3, 4]
+  assert all(r['loss/lpl'] > 0 and r['lpl/rows'] > 0 for r in one), 'LPL must be active in every step'
   for a, b in zip(one, two, strict=True):
-    for key in ('loss/total', 'loss/diffusion', 'grad_norm', 'param_norm'):
+    for key in ('loss/total', 'loss/diffusion', 'loss/lpl', 'grad_norm', 'param_norm'):
       assert b[key] == pytest.approx(a[key], rel=1e-5), (a['step'], key)
+    assert b['lpl/rows'] == a['lpl/rows'], a['step']
   assert common.tensorboard_steps(multi / 'tensorboard') == [1, 2, 3, 4]
   for name in ('00000002.png', '00000004.png'):
     a = np.asarray(Image.open(single / 'samples' / name)).astype(int)
     b = np.asarray(Image.open(multi / 'samples' / name)).astype(int)
     assert a.std() > 0 and np.abs(a - b).max() <= 1, name  # the 4 images of both processes, in order
   assert common.checkpoint_steps(multi) == common.checkpoint_steps(single) == [2, 4]
-  for a, b in zip(_params(single, 4), _params(multi, 4), strict=True):
+  ref, got = _params(single, 4), _params(multi, 4)
+  for a, b in zip(ref, got, strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  scale = max(np.max(np.abs(a)) for a in ref)
+  assert max(np.max(np.abs(b - a)) for a, b in zip(ref, got, strict=True)) <= 1e-5 * scale
   for workdir in (single, multi):
     status = json.loads((workdir / 'status.json').read_text())
     assert (status['state'], status['step']) == ('finished', 4)

@@ -16,7 +16,12 @@ RUN = 'gs://bucket/run'
 
 
 @pytest.mark.slow
-def test_a_gs_workdir_holds_the_whole_run_and_a_resume_reads_it_back(fake_gcs, tmp_path, monkeypatch):  # noqa: F811
+def test_a_gs_workdir_holds_the_whole_run_and_a_resume_reads_it_back(
+  fake_gcs,  # noqa: F811
+  tmp_path,
+  monkeypatch,
+  compilation_cache,  # the resume loads what the first run compiled (or the CLI tests' runs of the same config)
+):
   # Orbax writes checkpoints through TensorStore's own GCS driver, which the fake cannot serve: checkpoints of
   # gs://bucket go to a local folder; everything else goes through the fake.
   local = tmp_path / 'bucket'

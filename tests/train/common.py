@@ -1,5 +1,7 @@
 """A tiny end-to-end training setup shared by the train tests and the sharded-run script."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -17,7 +19,7 @@ def setup(
     patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=CLASSES, in_channels=4, dtype=dtype, remat=remat
   )
   ae_model = ae.from_preset('tiny', dtype=dtype)
-  ae_params = jax.jit(lambda k: ae.init_params(ae_model, k))(jax.random.key(9))
+  ae_params = _ae_params(dtype)
   form = diffusion.get_formulation('ddpm_eps')
   sampler = diffusion.TimestepSampler(num_timesteps=1000)
   lcfg = lpl.LPLConfig.from_preset('paper', weight=weight, tau=20.0) if lpl_on else None
@@ -37,6 +39,14 @@ def setup(
     accum_steps=accum,
   )
   return model, ae_model, ae_params, cfg
+
+
+@functools.cache
+def _ae_params(dtype):
+  """The tiny autoencoder's random params, made once per process: compiling their initialisers (hundreds of random
+  draws) takes half a minute on a CPU, much longer than a train step."""
+  ae_model = ae.from_preset('tiny', dtype=dtype)
+  return jax.jit(lambda k: ae.init_params(ae_model, k))(jax.random.key(9))
 
 
 def init_params_fn(model):
