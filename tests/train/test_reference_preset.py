@@ -47,6 +47,7 @@ def test_the_reference_preset_step_equals_the_reference_training_loop(diffusers_
       rows,
       ae_params,
       jnp.asarray(True),
+      jnp.asarray(0.0),  # Eq. 15's variance ratio: unused under loss_weighting='none'
       model=model,
       cfg=cfg,
       ae_model=ae_model,
