@@ -1,7 +1,10 @@
 """DiT with adaLN-Zero (Peebles & Xie, "Scalable Diffusion Models with Transformers", ICCV 2023), NHWC.
 
 `model.apply({'params': p}, x [B, H, W, C], t [B], y [B]) -> [B, H, W, C]`. The architecture is the official one
-(`facebookresearch/DiT`, `models.py`) with `learn_sigma=False`: the output has as many channels as the input.
+(`facebookresearch/DiT`, `models.py`). With `learn_sigma=False` the output has as many channels as the input; with
+`learn_sigma=True` (the public checkpoints) it has twice as many, in the official order: the C channels of the
+prediction (eps), then the C values `v` in [-1, 1] that interpolate the log-variance between the DDPM posterior's
+and beta_t (Nichol & Dhariwal 2021, Eq. 15); `lpl_jax.diffusion.Formulation(learn_sigma=True)` reads them.
 Parameter layout differs from the PyTorch one only in shape, not in content: the patch-embedding convolution is a
 Linear on flattened patches (its `[p*p*C, D]` kernel is the conv kernel `[p, p, C, D]` reshaped), and the attention
 kernels are kept per head (`[D, 3, heads, head_dim]`, `[heads, head_dim, D]`) for sharding.
@@ -9,7 +12,7 @@ kernels are kept per head (`[D, 3, heads, head_dim]`, `[heads, head_dim, D]`) fo
 Parameter counts (`jax.eval_shape`, any resolution): DiT-XL/2 has 674,816,272 parameters. The published 675,129,632
 (DiT's training log) also counts the fixed positional embedding (256 x 1152 = 294,912 values that the official code
 stores as a frozen `nn.Parameter`; here it is a constant) and the learned-sigma half of the output projection
-(1152 x 16 + 16 = 18,448): 674,816,272 + 294,912 + 18,448 = 675,129,632.
+(1152 x 16 + 16 = 18,448, present here with `learn_sigma=True`): 674,816,272 + 294,912 + 18,448 = 675,129,632.
 
 With `modulation='single'` (PixArt-alpha's adaLN-single, Chen et al. 2024, section 2.3: one modulation Linear
 shared by the blocks, a learned `[6, D]` table per block) at the LPL paper's size, 28 blocks of width 1536 with 24
@@ -79,7 +82,7 @@ class DiT(nn.Module):
     depth: number of DiT blocks.
     num_heads: attention heads (D must be a multiple).
     mlp_ratio: MLP hidden width / D.
-    in_channels: latent channels; the output has the same number.
+    in_channels: latent channels; the output has the same number, or twice as many with `learn_sigma`.
     num_classes: class labels are `0..num_classes-1`; label `num_classes` is the null class (its own row of the
       table) for classifier-free guidance. The model does no label dropout: the train step replaces labels.
     dtype: computation dtype (`jnp.bfloat16` for bf16 compute). The residual stream, LayerNorm statistics and the
@@ -88,6 +91,8 @@ class DiT(nn.Module):
     remat: rematerialise each block (`nn.remat`) so the backward pass keeps only block boundaries.
     modulation: `'block'` (DiT's adaLN-Zero, a modulation Linear per block) or `'single'` (PixArt-alpha's
       adaLN-single: one shared Linear, a learned table per block; see the module docstring).
+    learn_sigma: also predict the variance interpolation `v` (improved DDPM), as the public DiT checkpoints do:
+      the output is `[B, H, W, 2 * in_channels]`, the prediction first.
   """
 
   patch_size: int = 2
@@ -101,6 +106,11 @@ class DiT(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   modulation: str = 'block'
+  learn_sigma: bool = False
+
+  @property
+  def out_channels(self) -> int:
+    return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
@@ -112,7 +122,7 @@ class DiT(nn.Module):
       y: `[B]` integer class labels in `0..num_classes` (`num_classes` = null class).
 
     Returns:
-      `[B, H, W, in_channels]`, at least float32.
+      `[B, H, W, out_channels]`, at least float32.
     """
     L.check_latents('DiT', x, t, self.in_channels, self.patch_size)
     L.check_labels('DiT', y, x.shape[0])
@@ -135,7 +145,7 @@ class DiT(nn.Module):
     for i in range(self.depth):
       block = block_cls(d, self.num_heads, self.mlp_ratio, modulation=self.modulation, name=f'blocks_{i}', **kw)
       tokens = L.constrain_tokens(block(tokens, block_cond))
-    out = L.FinalLayer(p * p * c, modulation=self.modulation, name='final_layer', **kw)(tokens, cond)
+    out = L.FinalLayer(p * p * self.out_channels, modulation=self.modulation, name='final_layer', **kw)(tokens, cond)
     out = L.unpatchify(out, p, gh, gw)
     return out.astype(L.at_least_f32(out.dtype))
 
