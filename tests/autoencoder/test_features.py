@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from lpl_jax import autoencoder as ae
+from tests.tiny_autoencoder import tiny_autoencoder
 
 
 @pytest.fixture(scope='module')
 def tiny():
-  model = ae.from_preset('tiny')
-  return model, ae.init_params(model, jax.random.key(0))
+  return tiny_autoencoder()
 
 
 def _features(model, params, z, n, **kw):

@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lpl_jax import autoencoder as ae
 from lpl_jax import lpl
 from lpl_jax.eval import report
+from tests.tiny_autoencoder import tiny_autoencoder
 
 
 @pytest.fixture(scope='module')
 def tiny():
-  model = ae.from_preset('tiny')
-  return model, jax.jit(lambda k: ae.init_params(model, k))(jax.random.key(0))
+  return tiny_autoencoder()
 
 
 @pytest.mark.parametrize('preset', ['paper', 'reference'])

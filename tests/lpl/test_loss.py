@@ -13,6 +13,7 @@ import torch
 from lpl_jax import autoencoder as ae
 from lpl_jax import lpl
 from tests.lpl import torch_lpl
+from tests.tiny_autoencoder import tiny_autoencoder
 
 
 @functools.cache
@@ -86,8 +87,7 @@ def test_paper_preset_matches_pytorch(diffusers_folder, axis, stats_gradient):
 
 @pytest.fixture(scope='module')
 def tiny():
-  model = ae.from_preset('tiny')
-  return model, jax.jit(lambda key: ae.init_params(model, key))(jax.random.key(0))
+  return tiny_autoencoder()
 
 
 @pytest.mark.parametrize('preset', ['paper', 'reference'])

@@ -8,6 +8,7 @@ import pytest
 
 from lpl_jax import lpl
 from lpl_jax.lpl import terms
+from tests.tiny_autoencoder import tiny_autoencoder
 
 EPS = terms.STANDARDIZE_EPS
 
@@ -118,10 +119,8 @@ def test_fitting_a_scale_under_an_irreducible_error():
   paper preset's LPL through the tiny decoder. Held fixed, the statistics let LPL shrink the estimate as a squared
   error does (a < 1, the predicted features vary less than the target's); differentiated, they inflate it (a > 1,
   std ratio > 1 at every tap)."""
-  from lpl_jax import autoencoder as ae
 
-  model = ae.from_preset('tiny')
-  params = jax.jit(lambda k: ae.init_params(model, k))(jax.random.key(0))
+  model, params = tiny_autoencoder()
   z0 = jax.random.normal(jax.random.key(1), (4, 8, 8, 4))
   noisy = z0 + 0.5 * jax.random.normal(jax.random.key(2), z0.shape)
   fitted = {}

@@ -1,13 +1,12 @@
 """A tiny end-to-end training setup shared by the train tests and the sharded-run script."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from lpl_jax import autoencoder as ae
 from lpl_jax import diffusion, lpl, train
 from lpl_jax.models.dit import DiT
+from tests.tiny_autoencoder import tiny_autoencoder
 
 BATCH, SIDE, CLASSES = 16, 4, 10
 
@@ -41,12 +40,8 @@ def setup(
   return model, ae_model, ae_params, cfg
 
 
-@functools.cache
 def _ae_params(dtype):
-  """The tiny autoencoder's random params, made once per process: compiling their initialisers (hundreds of random
-  draws) takes half a minute on a CPU, much longer than a train step."""
-  ae_model = ae.from_preset('tiny', dtype=dtype)
-  return jax.jit(lambda k: ae.init_params(ae_model, k))(jax.random.key(9))
+  return tiny_autoencoder(seed=9, dtype=dtype)[1]
 
 
 def init_params_fn(model):

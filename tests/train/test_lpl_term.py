@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpl_jax import autoencoder as ae
 from lpl_jax import diffusion, lpl, train
+from tests.tiny_autoencoder import tiny_autoencoder
 
 # Compiles the tiny decoder's forward and backward four times (~1.5 min on 2 busy cores): left to CI.
 pytestmark = pytest.mark.slow
@@ -17,8 +17,7 @@ GROUPS, GROUP, K = 2, 4, 2  # 8 rows: rows 0, 1 and 4, 5 get LPL
 
 @pytest.fixture(scope='module')
 def setup():
-  model = ae.from_preset('tiny')
-  params = jax.jit(lambda k: ae.init_params(model, k))(jax.random.key(3))
+  model, params = tiny_autoencoder(seed=9)
   lcfg = lpl.LPLConfig.from_preset('paper', tau=20.0, remat=False)
   z0 = jax.random.normal(jax.random.key(1), (GROUPS * GROUP, 4, 4, 4))
   z0_hat = z0 + 0.3 * jax.random.normal(jax.random.key(2), z0.shape)
