@@ -1,6 +1,7 @@
 """Denoisers on latents: DiT (adaLN-Zero) and MMDiT (joint attention), NHWC, with logically named parameters."""
 
 from lpl_jax.models import axes
+from lpl_jax.models.convert import dit_from_pytorch_checkpoint, from_diffusers, save_diffusers
 from lpl_jax.models.dit import (
   DiT,
   DiT_B_2,
@@ -41,6 +42,9 @@ __all__ = [
   'MMDiT_paper',
   'axes',
   'dit_by_size',
+  'dit_from_pytorch_checkpoint',
+  'from_diffusers',
+  'save_diffusers',
   'sincos_pos_embed_2d',
   'timestep_embedding',
 ]

@@ -150,6 +150,16 @@ class DiT(nn.Module):
     return out.astype(L.at_least_f32(out.dtype))
 
 
+def from_pytorch_checkpoint(
+  path, *, model: DiT | None = None, num_heads: int | None = None, **kwargs
+) -> tuple[DiT, dict]:
+  """`(model, params)` from a facebookresearch/DiT `.pt` file (e.g. `DiT-XL-2-256x256.pt`); torch is needed.
+  See `lpl_jax.models.convert_dit.from_pytorch_checkpoint` (imported here lazily: it imports this module)."""
+  from lpl_jax.models import convert_dit
+
+  return convert_dit.from_pytorch_checkpoint(path, model=model, num_heads=num_heads, **kwargs)
+
+
 # Table 1 of the paper: (depth, hidden size, heads).
 SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
 

@@ -116,6 +116,20 @@ def timestep_embedding(t: jax.Array, dim: int = FREQ_DIM, max_period: float = MA
   return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
+def _sincos_2d(embed_dim: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+  """MAE's 2D sin-cos embedding of positions `rows`, `cols` (float64, same shape): `[rows.size, embed_dim]` float32,
+  the first half of the channels encoding the column, the second half the row."""
+  if embed_dim % 4:
+    raise ValueError(f'the 2D sin-cos positional embedding needs a width divisible by 4, got {embed_dim}.')
+  omega = 1.0 / MAX_PERIOD ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4))
+
+  def one_axis(pos):
+    out = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
+
+
 def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   """The fixed 2D sin-cos positional embedding of MAE/DiT for a `grid_h x grid_w` patch grid (not a parameter).
 
@@ -126,16 +140,35 @@ def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   Returns:
     `[grid_h * grid_w, embed_dim]` float32, rows in row-major (h, w) order, a trace-time constant.
   """
-  if embed_dim % 4:
-    raise ValueError(f'the 2D sin-cos positional embedding needs a width divisible by 4, got {embed_dim}.')
-  omega = 1.0 / MAX_PERIOD ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4))
-
-  def one_axis(pos):
-    out = np.outer(pos.reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
   rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing='ij')
-  return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
+  return _sincos_2d(embed_dim, rows, cols)
+
+
+def sincos_pos_embed_table(embed_dim: int, max_size: int, base_size: int) -> np.ndarray:
+  """SD3's positional table: the sin-cos embedding on a `max_size x max_size` grid whose positions are spaced
+  `base_size / max_size` apart (diffusers' `PatchEmbed` with `pos_embed_max_size`, where `base_size` is the
+  training grid, `sample_size // patch_size`, and `interpolation_scale` is 1), so that the whole table spans the
+  positions `0..base_size` of the training grid.
+
+  Returns:
+    `[max_size * max_size, embed_dim]` float32, rows in row-major (h, w) order (what the checkpoints store, less
+    their leading batch axis).
+  """
+  pos = np.arange(max_size, dtype=np.float64) / (max_size / base_size)
+  rows, cols = np.meshgrid(pos, pos, indexing='ij')
+  return _sincos_2d(embed_dim, rows, cols)
+
+
+def cropped_pos_embed(embed_dim: int, grid_h: int, grid_w: int, max_size: int, base_size: int) -> np.ndarray:
+  """The centre `grid_h x grid_w` crop of `sincos_pos_embed_table` (SD3: every resolution reads the same table,
+  centred): `[grid_h * grid_w, embed_dim]` float32, a trace-time constant."""
+  if grid_h > max_size or grid_w > max_size:
+    raise ValueError(
+      f'a {grid_h}x{grid_w} patch grid does not fit the {max_size}x{max_size} positional table (pos_embed_max_size).'
+    )
+  table = sincos_pos_embed_table(embed_dim, max_size, base_size).reshape(max_size, max_size, embed_dim)
+  top, left = (max_size - grid_h) // 2, (max_size - grid_w) // 2
+  return table[top : top + grid_h, left : left + grid_w].reshape(grid_h * grid_w, embed_dim)
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:

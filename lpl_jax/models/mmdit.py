@@ -23,8 +23,10 @@ Modulation (`modulation`): `'block'` as in SD3, or `'single'`, PixArt-alpha's ad
 the whole model and, per block and stream, a learned table added to it (a pre-only context stream takes the
 attention's shift and scale). `lpl_jax.models.layers` describes both.
 
-Positions: image tokens get the fixed 2D sin-cos embedding (SD3 crops it from a larger grid around the centre;
-here positions start at 0, as in DiT); context tokens get none.
+Positions: image tokens get the fixed 2D sin-cos embedding; context tokens get none. By default the positions of
+a grid are its integer indices from 0, as in DiT. With `pos_embed_max_size` set, the embedding is SD3's: a fixed
+table on a `pos_embed_max_size`^2 grid whose positions are spaced `pos_embed_base_size / pos_embed_max_size` apart,
+of which every resolution takes the centre crop (diffusers' `PatchEmbed`; `lpl_jax.models.layers.cropped_pos_embed`).
 
 Parameter counts of `MMDiT_paper` (28 blocks, width 1536, 24 heads of 64, patch 2, `jax.eval_shape`, any
 resolution): class-conditional with one context token 2,359,377,424 (2.36B; QK-norm adds 7,168); text-conditional
@@ -180,6 +182,11 @@ class MMDiT(nn.Module):
     remat: rematerialise each block (`nn.remat`).
     modulation: `'block'` (SD3: a modulation Linear per block and stream) or `'single'` (PixArt-alpha's
       adaLN-single: one shared Linear, a learned table per block and stream; see the module docstring).
+    pos_embed_max_size: None (positions 0, 1, ... of each grid) or SD3's: the side of the fixed positional table
+      whose centre is cropped for every resolution; grids larger than it are refused.
+    pos_embed_base_size: with `pos_embed_max_size`, the training grid side (SD3: `sample_size // patch_size`); the
+      table's positions are `arange(pos_embed_max_size) * pos_embed_base_size / pos_embed_max_size`. None: equal to
+      `pos_embed_max_size` (integer positions).
   """
 
   patch_size: int = 2
@@ -197,6 +204,8 @@ class MMDiT(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   modulation: str = 'block'
+  pos_embed_max_size: int | None = None
+  pos_embed_base_size: int | None = None
 
   @nn.compact
   def __call__(
@@ -229,7 +238,7 @@ class MMDiT(nn.Module):
     residual = L.at_least_f32(self.dtype)
 
     tokens = L.dense(d, (axes.PATCH, axes.EMBED), name='x_embedder', **kw)(L.patchify(x, p))
-    tokens = tokens.astype(residual) + L.sincos_pos_embed_2d(d, gh, gw)
+    tokens = tokens.astype(residual) + self._pos_embed(gh, gw)
     cond = L.TimestepEmbedder(d, name='t_embedder', **kw)(jnp.broadcast_to(t, (b,)))
     if self.context_dim is None:
       cond = cond + L.class_table(self.num_classes + 1, d, name='y_embedder', **kw)(y)
@@ -261,6 +270,13 @@ class MMDiT(nn.Module):
     out = L.FinalLayer(p * p * c, modulation=self.modulation, name='final_layer', **kw)(tokens, cond)
     out = L.unpatchify(out, p, gh, gw)
     return out.astype(L.at_least_f32(out.dtype))
+
+  def _pos_embed(self, grid_h: int, grid_w: int):
+    """`[grid_h * grid_w, D]` fixed positional embedding (see `pos_embed_max_size`)."""
+    if self.pos_embed_max_size is None:
+      return L.sincos_pos_embed_2d(self.hidden_size, grid_h, grid_w)
+    base = self.pos_embed_max_size if self.pos_embed_base_size is None else self.pos_embed_base_size
+    return L.cropped_pos_embed(self.hidden_size, grid_h, grid_w, self.pos_embed_max_size, base)
 
   def _check_conditioning(self, batch: int, y, context, pooled) -> None:
     L.check_modulation('MMDiT', self.modulation)

@@ -7,6 +7,7 @@ returns the flat parameters or raises one `WeightsMismatchError` naming every pr
 """
 
 from lpl_jax.weights.files import (
+  find_safetensors,
   is_float,
   read_npz,
   read_safetensors,
@@ -28,6 +29,7 @@ __all__ = [
   'Path',
   'WeightsMismatchError',
   'expected_shapes',
+  'find_safetensors',
   'flax_to_torch',
   'is_float',
   'match_params',

@@ -7,10 +7,12 @@ widened); other tensors (integer counters, masks) keep their dtype, so that a st
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import pickle
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_dtypes
@@ -101,11 +103,54 @@ def read_safetensors(path: str | os.PathLike, *, float_dtype: Any = np.float32) 
   return out
 
 
+def find_safetensors(folder: str | os.PathLike, name: str, *, variant: str | None = None) -> list[str]:
+  """The files of a diffusers/transformers weights file in `folder`: `[name]` itself, or the shards its
+  `name.index.json` lists (as `save_pretrained` writes large models), in order.
+
+  Args:
+    folder: the model folder.
+    name: the weights file, e.g. `'diffusion_pytorch_model.safetensors'`.
+    variant: e.g. `'fp16'` for `diffusion_pytorch_model.fp16.safetensors`.
+
+  Raises:
+    FileNotFoundError: neither the file nor its index is there (PyTorch `.bin` weights are named as unreadable), or
+      a shard the index lists is missing.
+    ValueError: the index is not JSON with a `weight_map`.
+  """
+  folder = os.fspath(folder)
+  if variant:
+    stem, ext = os.path.splitext(name)
+    name = f'{stem}.{variant}{ext}'
+  single, index = os.path.join(folder, name), os.path.join(folder, name + '.index.json')
+  if os.path.isfile(single):
+    return [single]
+  if os.path.isfile(index):
+    with open(index) as f:
+      try:
+        weight_map = json.load(f)['weight_map']
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f'{index!r} is not a weights index (JSON with a weight_map): {e!r}') from e
+    files = [os.path.join(folder, shard) for shard in sorted(set(weight_map.values()))]
+    for file in files:
+      if not os.path.isfile(file):
+        raise FileNotFoundError(f'weight shard {file!r} listed in the index is missing.')
+    return files
+  present = sorted(os.listdir(folder))
+  hint = (
+    ' PyTorch .bin weights are not read (no torch at run time); re-save with safe_serialization=True.'
+    if any(p.endswith('.bin') for p in present)
+    else ''
+  )
+  raise FileNotFoundError(
+    f'no weights in {folder!r}: expected {name} (or {name}.index.json); the folder holds {present}.{hint}'
+  )
+
+
 def read_safetensors_folder(
   folder: str | os.PathLike, name: str, *, variant: str | None = None, float_dtype: Any = np.float32
 ) -> dict[str, np.ndarray]:
   """Every tensor of a diffusers/transformers weights file in `folder`: `name` itself, or the shards its
-  `name.index.json` lists (as `save_pretrained` writes large models).
+  `name.index.json` lists (`find_safetensors`).
 
   Args:
     folder: the model folder.
@@ -114,33 +159,10 @@ def read_safetensors_folder(
     float_dtype: as in `read_safetensors`.
 
   Raises:
-    FileNotFoundError: neither the file nor its index is there (PyTorch `.bin` weights are named as unreadable), or
-      a shard the index lists is missing.
+    FileNotFoundError: as `find_safetensors`.
   """
-  folder = os.fspath(folder)
-  if variant:
-    stem, ext = os.path.splitext(name)
-    name = f'{stem}.{variant}{ext}'
-  single, index = os.path.join(folder, name), os.path.join(folder, name + '.index.json')
-  if os.path.isfile(single):
-    files = [single]
-  elif os.path.isfile(index):
-    with open(index) as f:
-      files = [os.path.join(folder, shard) for shard in sorted(set(json.load(f)['weight_map'].values()))]
-  else:
-    present = sorted(os.listdir(folder))
-    hint = (
-      ' PyTorch .bin weights are not read (no torch at run time); re-save with safe_serialization=True.'
-      if any(p.endswith('.bin') for p in present)
-      else ''
-    )
-    raise FileNotFoundError(
-      f'no weights in {folder!r}: expected {name} (or {name}.index.json); the folder holds {present}.{hint}'
-    )
   state = {}
-  for file in files:
-    if not os.path.isfile(file):
-      raise FileNotFoundError(f'weight shard {file!r} listed in the index is missing.')
+  for file in find_safetensors(folder, name, variant=variant):
     state.update(read_safetensors(file, float_dtype=float_dtype))
   return state
 
@@ -152,7 +174,7 @@ def read_npz(path: str | os.PathLike, *, float_dtype: Any = np.float32) -> dict[
 
 
 def read_torch_state_dict(
-  path: str | os.PathLike, *, float_dtype: Any = np.float32, no_torch_hint: str = ''
+  path: str | os.PathLike, *, float_dtype: Any = np.float32, no_torch_hint: str = '', select: Sequence[str] = ()
 ) -> dict[str, np.ndarray]:
   """A state dict saved with `torch.save` (name -> tensor), loaded with `weights_only=True`.
 
@@ -160,11 +182,16 @@ def read_torch_state_dict(
     path: the file.
     float_dtype: dtype of the returned floating-point tensors; `None` keeps the stored one (bfloat16 included).
     no_torch_hint: what to do instead, appended to the error when torch is not installed.
+    select: keys under which a training checkpoint nests its state dicts, in order of preference: the first
+      present whose value is a mapping is read (DiT's `train.py` saves `{'model', 'ema', 'opt', 'args'}`;
+      `select=('ema', 'model')` reads the EMA weights). A file that holds none of them is read as it is. With
+      `select`, an `argparse.Namespace` anywhere in the file (training scripts save their arguments) is allowed.
 
   Raises:
     ImportError: torch is not installed.
-    ValueError: the file holds something other than a flat mapping of names to tensors (e.g. a training checkpoint
-      with the state dicts nested under keys; select one and save it alone).
+    ValueError: the file is not a torch file that loads with `weights_only=True`, or holds something other than a
+      flat mapping of names to tensors (e.g. a training checkpoint with the state dicts nested under keys that
+      `select` does not name).
   """
   path = os.fspath(path)
   try:
@@ -173,9 +200,20 @@ def read_torch_state_dict(
     raise ImportError(
       f'reading the torch state dict {path!r} needs PyTorch, which is not installed. {no_torch_hint}'.rstrip()
     ) from e
-  state = torch.load(path, map_location='cpu', weights_only=True)
+  allowed = [argparse.Namespace] if select else []
+  try:
+    with torch.serialization.safe_globals(allowed):
+      state = torch.load(path, map_location='cpu', weights_only=True)
+  except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+    first_line = (str(e).strip().splitlines() or [''])[0]
+    raise ValueError(
+      f'{path!r} could not be read as a torch file with weights_only=True: {type(e).__name__}: {first_line}'
+    ) from e
   if not isinstance(state, Mapping):
     raise ValueError(f'{path!r} holds a {type(state).__name__}, expected a state dict (name -> tensor).')
+  nested = [k for k in select if isinstance(state.get(k), Mapping)]
+  if nested:
+    state = state[nested[0]]
   others = sorted(f'{k} ({type(v).__name__})' for k, v in state.items() if not isinstance(v, torch.Tensor))
   if others:
     raise ValueError(f'{path!r} is not a flat state dict (name -> tensor): {", ".join(others)}.')
