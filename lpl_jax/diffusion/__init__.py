@@ -1,7 +1,15 @@
-"""Diffusion formulations (DDPM-eps/v/x0, Flow-OT), schedules, timestep samplers, compiled samplers, and images
-from a denoiser and a decoder (`generate`)."""
+"""Diffusion formulations (DDPM-eps/v/x0 with an optional learned variance, Flow-OT), schedules, timestep samplers,
+compiled samplers, and images from a denoiser and a decoder (`generate`)."""
 
-from lpl_jax.diffusion.formulations import FORMULATIONS, Formulation, get_formulation
+from lpl_jax.diffusion.formulations import (
+  FORMULATIONS,
+  Formulation,
+  discretized_gaussian_log_likelihood,
+  get_formulation,
+  learned_range_log_variance,
+  normal_kl,
+  posterior_mean_variance,
+)
 from lpl_jax.diffusion.generate import GenerateFn, SamplerSettings, generate, make_generate_fn, padded_batches, to_uint8
 from lpl_jax.diffusion.samplers import (
   SAMPLERS,
@@ -29,13 +37,17 @@ __all__ = [
   'ddim_step',
   'ddpm_step',
   'ddpm_timesteps',
+  'discretized_gaussian_log_likelihood',
   'flow_sigmas',
   'generate',
   'get_betas',
   'get_formulation',
   'get_schedule',
+  'learned_range_log_variance',
   'make_generate_fn',
+  'normal_kl',
   'padded_batches',
+  'posterior_mean_variance',
   'rescale_zero_terminal_snr',
   'resolution_shift',
   'sample',

@@ -3,6 +3,8 @@ solvers for flows; classifier-free guidance; deterministic given a key.
 
 `model_fn(x, model_time [B], y [B] | None) -> prediction` is any denoiser (closed over its params). The time grids
 are static NumPy arrays built on the host (as diffusers' `set_timesteps`); the loop body is one compiled step.
+With a learned-sigma formulation the model output has `2C` channels (prediction, variance values): the DDPM sampler
+uses the learned variance, DDIM only the prediction, and every sampler returns `C` channels like `x_init`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpl_jax.diffusion.formulations import Formulation, _bcast
+from lpl_jax.diffusion.formulations import Formulation, _bcast, learned_range_log_variance, posterior_mean_variance
 
 SAMPLERS = ('ddim', 'ddpm', 'euler', 'heun', 'rk4')
 SPACINGS = ('leading', 'trailing', 'linspace')
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
+_VAR_FLOOR = 1e-20  # diffusers' floor of the posterior variance (0 at the last step) before its sqrt or log
 
 
 def ddpm_timesteps(num_train: int, num_steps: int, spacing: str = 'leading', steps_offset: int = 0) -> np.ndarray:
@@ -45,8 +48,14 @@ def flow_sigmas(num_steps: int, *, shift: float = 1.0, num_train: int = 1000) ->
   return np.append(t, 0.0)
 
 
-def classifier_free_guidance(model_fn: ModelFn, guidance_scale: float, null_class: int) -> ModelFn:
-  """`uncond + scale * (cond - uncond)`, both halves in one batched call; scale 1 is the conditional call alone."""
+def classifier_free_guidance(
+  model_fn: ModelFn, guidance_scale: float, null_class: int, *, learn_sigma: bool = False
+) -> ModelFn:
+  """`uncond + scale * (cond - uncond)`, both halves in one batched call; scale 1 is the conditional call alone.
+
+  With `learn_sigma` the output is `[B, ..., 2C]` for `x [B, ..., C]`: only the `C` prediction channels are guided
+  and the variance channels are the conditional ones, as diffusers' `DiTPipeline` and DiT's `forward_with_cfg` do.
+  """
   if guidance_scale == 1.0:
     return model_fn
 
@@ -55,7 +64,13 @@ def classifier_free_guidance(model_fn: ModelFn, guidance_scale: float, null_clas
       jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, jnp.full_like(y, null_class)])
     )
     cond, uncond = jnp.split(both, 2)
-    return uncond + guidance_scale * (cond - uncond)
+    if not learn_sigma:
+      return uncond + guidance_scale * (cond - uncond)
+    # All C prediction channels are guided, as diffusers does. DiT's official forward_with_cfg guides only the first
+    # 3 channels, a quirk it keeps for exact reproducibility of its numbers, not the guidance rule itself.
+    c = x.shape[-1]
+    pred = uncond[..., :c] + guidance_scale * (cond[..., :c] - uncond[..., :c])
+    return jnp.concatenate([pred, cond[..., c:]], axis=-1)
 
   return guided
 
@@ -90,20 +105,31 @@ def ddim_step(
 def ddpm_step(
   formulation: Formulation, x: jax.Array, pred: jax.Array, t: jax.Array, t_prev: jax.Array, noise: jax.Array
 ) -> jax.Array:
-  """One ancestral step of the DDPM posterior q(x_prev | x_t, x0_hat), fixed-small variance (Ho et al. 2020),
-  as diffusers' DDPMScheduler; `t_prev < 0` is the final step (alpha_bar_prev = 1, no noise)."""
+  """One ancestral step of the DDPM posterior q(x_prev | x_t, x0_hat) from `x [B, ..., C]`, as diffusers'
+  DDPMScheduler; `t_prev < 0` is the final step (alpha_bar_prev = 1); no noise at t = 0.
+
+  The variance is the fixed-small beta_tilde (Ho et al. 2020), or with `formulation.learn_sigma` (`pred
+  [B, ..., 2C]`) the learned one between beta_tilde and beta of this step (diffusers' `variance_type=
+  'learned_range'`; beta_tilde floored at 1e-20 before its log as there). Both use the betas of the step actually
+  taken, `1 - alpha_bar_t / alpha_bar_prev`, as DiT's respaced process does on a strided grid.
+
+  References:
+    Ho et al. 2020, Algorithm 2 and Eq. 7; Nichol & Dhariwal 2021, Eq. 15.
+  """
+  if formulation.learn_sigma and pred.shape[-1] != 2 * x.shape[-1]:
+    raise ValueError(f'a learn_sigma model output needs 2C = {2 * x.shape[-1]} channels, got shape {pred.shape}.')
   ac = jnp.asarray(formulation.alphas_cumprod, jnp.float32)
   a_t = ac[t]
   a_prev = jnp.where(t_prev >= 0, ac[jnp.maximum(t_prev, 0)], 1.0)
-  alpha_step = a_t / a_prev
-  beta_step = 1 - alpha_step
-  x0 = formulation.x0_hat(x, pred, t)
-  mean = (
-    _bcast(jnp.sqrt(a_prev) * beta_step / (1 - a_t), x) * x0
-    + _bcast(jnp.sqrt(alpha_step) * (1 - a_prev) / (1 - a_t), x) * x
-  )
-  var = jnp.maximum((1 - a_prev) / (1 - a_t) * beta_step, 1e-20)
-  return mean + _bcast(jnp.where(t > 0, jnp.sqrt(var), 0.0), x) * noise
+  mean, var = posterior_mean_variance(formulation.x0_hat(x, pred, t), x, a_t, a_prev)
+  var = jnp.maximum(var, _VAR_FLOOR)
+  _, var_values = formulation.split(pred)
+  if var_values is None:
+    std = _bcast(jnp.sqrt(var), x)
+  else:
+    log_beta = jnp.log(1 - a_t / a_prev)
+    std = jnp.exp(0.5 * learned_range_log_variance(var_values, _bcast(log_beta, x), _bcast(jnp.log(var), x)))
+  return mean + _bcast(t > 0, x) * std * noise
 
 
 def sample(
@@ -126,7 +152,8 @@ def sample(
   """Runs a sampler from `x_init` (pure noise, `[B, ...]`) to a clean sample, in one `lax.scan`.
 
   Args:
-    model_fn: `(x, model_time, y) -> prediction` in the formulation's parametrisation.
+    model_fn: `(x, model_time, y) -> prediction` in the formulation's parametrisation (`2C` channels with
+      `formulation.learn_sigma`: prediction, then the variance values).
     formulation: from `get_formulation`.
     x_init: the starting noise.
     key: PRNG key for the stochastic samplers (DDIM with eta > 0, DDPM).
@@ -149,7 +176,7 @@ def sample(
   if guidance_scale != 1.0:
     if y is None or null_class is None:
       raise ValueError('classifier-free guidance (guidance_scale != 1) needs labels y and the null_class id.')
-    model_fn = classifier_free_guidance(model_fn, guidance_scale, null_class)
+    model_fn = classifier_free_guidance(model_fn, guidance_scale, null_class, learn_sigma=formulation.learn_sigma)
   batch = x_init.shape[0]
 
   def call(x, t):
@@ -160,7 +187,10 @@ def sample(
     cur, nxt = grid[:-1], grid[1:]
   else:
     cur = ddpm_timesteps(formulation.num_timesteps, num_steps, timestep_spacing, steps_offset)
-    nxt = cur - formulation.num_timesteps // num_steps
+    if sampler == 'ddpm':  # the next point of the grid, as diffusers' DDPMScheduler (DiT's respacing with linspace)
+      nxt = np.append(cur[1:], -1)
+    else:  # DDIM steps back by T // num_steps whatever the spacing, as diffusers' DDIMScheduler
+      nxt = cur - formulation.num_timesteps // num_steps
   keys = jax.random.split(key, len(cur))
 
   if sampler in ('ddim', 'ddpm') and not formulation.is_flow:
