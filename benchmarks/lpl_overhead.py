@@ -127,7 +127,8 @@ def denoiser(args, depth: int) -> nn.Module:
   """The ImageNet configs' denoiser as the trainer builds it (`build.make_denoiser`), with `--kind`, `--modulation`
   and `depth` blocks."""
   exp = Experiment.from_config_dict(imagenet_config())
-  exp = exp.replace(model=dict(kind=args.kind, modulation=args.modulation, depth=depth))
+  # Unrolled blocks: XLA's cost analysis counts a loop body once, and the depths are extrapolated from.
+  exp = exp.replace(model=dict(kind=args.kind, modulation=args.modulation, depth=depth, scan_layers=False))
   return build.make_denoiser(exp, latent_channels=4)
 
 

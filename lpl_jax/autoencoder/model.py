@@ -22,8 +22,8 @@ Dtype = Any
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # diffusers' DiagonalGaussianDistribution clamp.
 
 
-def _maybe_remat(cls, remat: bool):
-  return nn.remat(cls) if remat else cls
+def _maybe_remat(cls, remat: bool, policy: Any = None):
+  return nn.remat(cls, policy=policy) if remat else cls
 
 
 class Encoder(nn.Module):
@@ -31,12 +31,13 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  remat_policy: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     widths = cfg.block_out_channels
-    down_cls = _maybe_remat(layers.DownEncoderBlock, self.remat)
+    down_cls = _maybe_remat(layers.DownEncoderBlock, self.remat, self.remat_policy)
     h = layers.conv(widths[0], 3, name='conv_in', **kw)(x)
     for i, width in enumerate(widths):
       h = down_cls(
@@ -47,7 +48,7 @@ class Encoder(nn.Module):
         name=f'down_blocks_{i}',
         **kw,
       )(h)
-    h = _maybe_remat(layers.MidBlock, self.remat)(
+    h = _maybe_remat(layers.MidBlock, self.remat, self.remat_policy)(
       widths[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, name='mid_block', **kw
     )(h)
     h = nn.silu(layers.group_norm(cfg.norm_num_groups, name='conv_norm_out', **kw)(h))
@@ -61,13 +62,14 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  remat_policy: Any = None
 
   def setup(self):
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     widths = cfg.decoder_block_out_channels[::-1]  # deepest first
-    up_cls = _maybe_remat(layers.UpDecoderBlock, self.remat)
+    up_cls = _maybe_remat(layers.UpDecoderBlock, self.remat, self.remat_policy)
     self.conv_in = layers.conv(widths[0], 3, **kw)
-    self.mid_block = _maybe_remat(layers.MidBlock, self.remat)(
+    self.mid_block = _maybe_remat(layers.MidBlock, self.remat, self.remat_policy)(
       widths[0], cfg.norm_num_groups, cfg.mid_block_add_attention, **kw
     )
     self.up_blocks = [
@@ -134,15 +136,19 @@ class AutoencoderKL(nn.Module):
     dtype: computation dtype (`jnp.bfloat16` for bf16 compute; parameters stay in `param_dtype`). Features come
       back in this dtype; `decode` returns float32.
     remat: rematerialise each block (`jax.checkpoint`) so the backward pass keeps only block boundaries.
+    remat_policy: with `remat`, a `jax.checkpoint_policies` policy: what a block keeps for the backward pass
+      besides its boundaries (None: nothing). `lpl.LPLConfig.remat_policy` names one.
   """
 
   config: AutoencoderConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  remat_policy: Any = None
 
   def setup(self):
-    cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, remat_policy=self.remat_policy)
     self.encoder = Encoder(cfg, **kw)
     self.decoder = Decoder(cfg, **kw)
     conv_kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lpl_jax.models.layers import REMAT_POLICIES
+
 NORMALIZATIONS = ('paper', 'shared', 'default', 'none')
 NORM_AXES = ('space', 'channels')
 DEPTH_WEIGHTS = ('inverse_upscale', 'power_law', 'uniform')
@@ -53,6 +55,11 @@ class LPLConfig:
       `scale_with_resolution`, at resolution r the threshold is `tau * r / base_resolution` and, for r above the base,
       the kernels grow by the same factor (kept odd) (paper section 4.1).
     remat: rematerialise the prediction branch per decoder block.
+    remat_policy: with `remat`, what a decoder block keeps for the backward pass, one of the denoisers' policies
+      (`lpl_jax.models.layers.REMAT_POLICIES`): `'full'` (nothing), `'dots_saveable'` (every convolution and matrix
+      product), `'dots_with_no_batch_dims_saveable'` (matrix products without batch dimensions: in this decoder only
+      the mid block's attention projections; convolutions are recomputed), `'attention_out'` (only outputs named
+      so: none in this decoder, whose attention is its own; the same as `'full'` here).
   """
 
   num_blocks: int = 4
@@ -82,6 +89,7 @@ class LPLConfig:
   base_resolution: int = 256
   scale_with_resolution: bool = True
   remat: bool = True
+  remat_policy: str = 'full'
 
   def __post_init__(self):
     for name, allowed in (
@@ -93,6 +101,7 @@ class LPLConfig:
       ('mask_source', MASK_SOURCES),
       ('gate', GATES),
       ('space', SPACES),
+      ('remat_policy', REMAT_POLICIES),
     ):
       if getattr(self, name) not in allowed:
         raise ValueError(f'LPLConfig.{name}={getattr(self, name)!r}; expected one of {allowed}.')

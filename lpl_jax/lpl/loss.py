@@ -25,6 +25,7 @@ from lpl_jax.autoencoder import AutoencoderKL
 from lpl_jax.lpl import terms
 from lpl_jax.lpl.config import LPLConfig
 from lpl_jax.lpl.outliers import outlier_mask
+from lpl_jax.models.layers import remat_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,8 @@ class FeaturesFn:
 
 
 def make_features_fn(model: AutoencoderKL, params: Any, cfg: LPLConfig) -> FeaturesFn:
-  """Binds the autoencoder (rematerialised per block if `cfg.remat`) to its frozen params for `lpl_loss`.
+  """Binds the autoencoder (rematerialised per block if `cfg.remat`, keeping what `cfg.remat_policy` names) to its
+  frozen params for `lpl_loss`.
 
   Call it inside the jitted step with the autoencoder params passed to the step as an argument.
   """
@@ -65,7 +67,8 @@ def make_features_fn(model: AutoencoderKL, params: Any, cfg: LPLConfig) -> Featu
     raise ValueError(
       f'decoder has {model.config.num_up_blocks} up blocks, LPLConfig.num_blocks asks for {cfg.num_blocks}.'
     )
-  return FeaturesFn(model.clone(remat=cfg.remat), params, cfg.apply_post_quant_conv)
+  model = model.clone(remat=cfg.remat, remat_policy=remat_policy(cfg.remat_policy) if cfg.remat else None)
+  return FeaturesFn(model, params, cfg.apply_post_quant_conv)
 
 
 def kernel_scale(cfg: LPLConfig, image_size: int) -> float:

@@ -1,6 +1,7 @@
-"""Denoisers on latents: DiT (adaLN-Zero) and MMDiT (joint attention), NHWC, with logically named parameters."""
+"""Denoisers on latents: DiT (adaLN-Zero) and MMDiT (joint attention), NHWC, with logically named parameters; their
+blocks unrolled or one `nn.scan` (`scan` converts params between the two layouts)."""
 
-from lpl_jax.models import axes
+from lpl_jax.models import axes, scan
 from lpl_jax.models.convert import dit_from_pytorch_checkpoint, from_diffusers, save_diffusers
 from lpl_jax.models.dit import (
   DiT,
@@ -45,6 +46,7 @@ __all__ = [
   'dit_from_pytorch_checkpoint',
   'from_diffusers',
   'save_diffusers',
+  'scan',
   'sincos_pos_embed_2d',
   'timestep_embedding',
 ]

@@ -21,6 +21,8 @@ Glossary:
   PATCH    the pixels of one flattened patch, p * p * channels (patch embedding in, final projection out).
   FREQ     the sinusoidal features of the timestep (256).
   TEXT     the width of precomputed text-encoder features (context_dim, pooled_dim).
+  LAYERS   the blocks of a scanned model (`scan_layers=True`): the leading axis of its stacked block params
+           (`lpl_jax.models.scan`); unsharded by the rules here.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ CLASSES = 'classes'
 PATCH = 'patch'
 FREQ = 'freq'
 TEXT = 'text'
+LAYERS = 'layers'
 
-PARAM_AXES = (EMBED, MLP, HEADS, KV, ADALN, CLASSES, PATCH, FREQ, TEXT)
+PARAM_AXES = (EMBED, MLP, HEADS, KV, ADALN, CLASSES, PATCH, FREQ, TEXT, LAYERS)
 
 
 def fsdp_rules(fsdp: str = 'fsdp', data: str | tuple[str, ...] = ('data', 'fsdp')) -> tuple[tuple[str, object], ...]:
@@ -47,7 +50,8 @@ def fsdp_rules(fsdp: str = 'fsdp', data: str | tuple[str, ...] = ('data', 'fsdp'
   ones, are multiples of 128); flax assigns a mesh axis at most once per array, in rule order, so a `[MLP, EMBED]`
   kernel is sharded on `EMBED`. Biases follow their output axis when it is one of these; the rest (qkv biases, the
   final projection's bias, QK-norm scales) and every axis whose size need not divide the mesh (`CLASSES` = 1001
-  rows, `PATCH`, `FREQ`, `TEXT`) stay replicated. Activations are sharded over the batch on `data`.
+  rows, `PATCH`, `FREQ`, `TEXT`) stay replicated, and so does the `LAYERS` axis of a scanned model's stacked blocks
+  (each device holds its shard of every block). Activations are sharded over the batch on `data`.
 
   Args:
     fsdp: the mesh axis that parameters are sharded over.
@@ -56,4 +60,4 @@ def fsdp_rules(fsdp: str = 'fsdp', data: str | tuple[str, ...] = ('data', 'fsdp'
   Returns:
     `((logical_name, mesh_axes), ...)` for `nn.logical_to_mesh_sharding` / `nn.logical_axis_rules`.
   """
-  return ((BATCH, data), (EMBED, fsdp), (MLP, fsdp), (ADALN, fsdp))
+  return ((BATCH, data), (LAYERS, None), (EMBED, fsdp), (MLP, fsdp), (ADALN, fsdp))

@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lpl_jax.models import axes
+from lpl_jax.models import axes, scan
 from lpl_jax.models import layers as L
 
 Dtype = Any
@@ -88,7 +88,13 @@ class DiT(nn.Module):
     dtype: computation dtype (`jnp.bfloat16` for bf16 compute). The residual stream, LayerNorm statistics and the
       attention softmax stay in at least float32; the output is at least float32.
     param_dtype: parameter dtype.
-    remat: rematerialise each block (`nn.remat`) so the backward pass keeps only block boundaries.
+    remat: rematerialise each block (`nn.remat`) so the backward pass keeps only block boundaries and what
+      `remat_policy` saves.
+    remat_policy: with `remat`, what a block keeps for the backward pass: one of `layers.REMAT_POLICIES` (`'full'`:
+      nothing; see `lpl_jax.models.layers`).
+    scan_layers: the blocks as one `nn.scan` over params stacked on a leading axis (`blocks`, logical axis
+      `axes.LAYERS`) instead of `depth` subtrees `blocks_i`: the same function, compiled once per block instead of
+      `depth` times. `lpl_jax.models.scan` converts params between the two layouts.
     modulation: `'block'` (DiT's adaLN-Zero, a modulation Linear per block) or `'single'` (PixArt-alpha's
       adaLN-single: one shared Linear, a learned table per block; see the module docstring).
     learn_sigma: also predict the variance interpolation `v` (improved DDPM), as the public DiT checkpoints do:
@@ -107,10 +113,17 @@ class DiT(nn.Module):
   remat: bool = False
   modulation: str = 'block'
   learn_sigma: bool = False
+  remat_policy: str = 'full'
+  scan_layers: bool = False
 
   @property
   def out_channels(self) -> int:
     return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+  @property
+  def scanned_depth(self) -> int:
+    """Blocks in the scanned layout's stacked `blocks` (all of them)."""
+    return self.depth
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
@@ -140,11 +153,14 @@ class DiT(nn.Module):
     cond = cond + L.class_table(self.num_classes + 1, d, name='y_embedder', **kw)(y)
     block_cond = L.shared_modulation(self.modulation, cond, **kw)
 
-    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+    block_cls = scan.block_class(DiTBlock, remat=self.remat, policy=self.remat_policy, scanned=self.scan_layers)
+    make_block = lambda name: block_cls(d, self.num_heads, self.mlp_ratio, modulation=self.modulation, name=name, **kw)
     tokens = L.constrain_tokens(tokens)
-    for i in range(self.depth):
-      block = block_cls(d, self.num_heads, self.mlp_ratio, modulation=self.modulation, name=f'blocks_{i}', **kw)
-      tokens = L.constrain_tokens(block(tokens, block_cond))
+    if self.scan_layers:
+      step = lambda block, x, cond: L.constrain_tokens(block(x, cond))
+      tokens = scan.scan_blocks(step, make_block(scan.BLOCKS), tokens, block_cond, length=self.depth)
+    for i in range(0 if self.scan_layers else self.depth):
+      tokens = L.constrain_tokens(make_block(f'blocks_{i}')(tokens, block_cond))
     out = L.FinalLayer(p * p * self.out_channels, modulation=self.modulation, name='final_layer', **kw)(tokens, cond)
     out = L.unpatchify(out, p, gh, gw)
     return out.astype(L.at_least_f32(out.dtype))

@@ -13,10 +13,23 @@ Modulation, one of `MODULATIONS` (the models' `modulation` attribute):
     `[2, D]` table to `c` itself. Initialised as PixArt-alpha's code does: tables `randn(n, D) / sqrt(D)`, the shared
     Linear N(0, 0.02) with zero bias. The blocks are then not the identity at initialisation (their gates are the
     tables' small random values); the model's output still is 0 (zero final projection).
+
+Rematerialisation (the models' `remat` and `remat_policy`; `remat_policy(name)` gives the `jax.checkpoint` policy), one
+of `REMAT_POLICIES`: what a rematerialised block keeps from its forward pass for the backward pass, everything else
+being recomputed there:
+  - `'full'`: nothing but the block's inputs (the least memory; the forward pass runs twice).
+  - `'dots_saveable'`: the results of every matrix product (`jax.checkpoint_policies.dots_saveable`): the linear
+    layers' outputs and the attention logits and outputs; only the elementwise work (norms, GELU, softmax, adaLN) is
+    recomputed.
+  - `'dots_with_no_batch_dims_saveable'`: the products without batch dimensions, i.e. activations x weights (the
+    linear layers); the attention's `[B, heads, L, L]` products are recomputed.
+  - `'attention_out'`: only the attention output `[B, L, heads, head_dim]`, named `ATTENTION_OUT` by `attention`
+    (`jax.ad_checkpoint.checkpoint_name`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from lpl_jax.models import axes
 
@@ -37,6 +51,27 @@ XAVIER = nn.initializers.xavier_uniform()
 ZEROS = nn.initializers.zeros_init()
 NORMAL_002 = nn.initializers.normal(stddev=0.02)
 MODULATIONS = ('block', 'single')
+# What a rematerialised block keeps for the backward pass (`remat_policy`): nothing, the results of matrix products,
+# those without batch dimensions (weights x activations), or only the attention outputs.
+REMAT_POLICIES = ('full', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'attention_out')
+ATTENTION_OUT = 'attention_out'  # the name `attention` gives its output (`checkpoint_name`), for that policy
+
+
+@functools.cache
+def remat_policy(name: str) -> Any:
+  """The `jax.checkpoint` policy (`jax.checkpoint_policies`) of one of `REMAT_POLICIES` (the module docstring
+  describes them), for `nn.remat(..., policy=remat_policy(name))`. The same object for the same name, so modules that
+  hold it compare equal."""
+  policies = jax.checkpoint_policies
+  if name == 'full':
+    return policies.nothing_saveable
+  if name == 'dots_saveable':
+    return policies.dots_saveable
+  if name == 'dots_with_no_batch_dims_saveable':
+    return policies.dots_with_no_batch_dims_saveable
+  if name == 'attention_out':
+    return policies.save_only_these_names(ATTENTION_OUT)
+  raise ValueError(f'remat_policy={name!r}; expected one of {REMAT_POLICIES}.')
 
 
 def table_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
@@ -212,10 +247,10 @@ def check_labels(model: str, y: jax.Array, batch: int) -> None:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """Multi-head scaled dot-product attention, `[B, L, H, D]` each -> `[B, L, H, D]`; logits and softmax in at least
-  float32."""
+  float32. The output is named `ATTENTION_OUT` for the `'attention_out'` remat policy."""
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=at_least_f32(q.dtype))
   weights = jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+  return checkpoint_name(jnp.einsum('bhqk,bkhd->bqhd', weights, v), ATTENTION_OUT)
 
 
 class HeadsDense(nn.Module):

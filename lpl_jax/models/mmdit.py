@@ -69,7 +69,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lpl_jax.models import axes
+from lpl_jax.models import axes, scan
 from lpl_jax.models import layers as L
 
 Dtype = Any
@@ -180,6 +180,12 @@ class MMDiT(nn.Module):
       least float32; the output is at least float32.
     param_dtype: parameter dtype.
     remat: rematerialise each block (`nn.remat`).
+    remat_policy: with `remat`, what a block keeps for the backward pass: one of `layers.REMAT_POLICIES` (`'full'`:
+      nothing; see `lpl_jax.models.layers`).
+    scan_layers: the first `depth - 1` blocks as one `nn.scan` over params stacked on a leading axis (`blocks`,
+      logical axis `axes.LAYERS`), the last (context pre-only) block as `blocks_{depth-1}`: the same function,
+      compiled once per block kind instead of `depth` times. `lpl_jax.models.scan` converts params between the
+      layouts.
     modulation: `'block'` (SD3: a modulation Linear per block and stream) or `'single'` (PixArt-alpha's
       adaLN-single: one shared Linear, a learned table per block and stream; see the module docstring).
     pos_embed_max_size: None (positions 0, 1, ... of each grid) or SD3's: the side of the fixed positional table
@@ -206,6 +212,13 @@ class MMDiT(nn.Module):
   modulation: str = 'block'
   pos_embed_max_size: int | None = None
   pos_embed_base_size: int | None = None
+  remat_policy: str = 'full'
+  scan_layers: bool = False
+
+  @property
+  def scanned_depth(self) -> int:
+    """Blocks in the scanned layout's stacked `blocks`: all but the last (context pre-only) one."""
+    return self.depth - 1
 
   @nn.compact
   def __call__(
@@ -252,20 +265,18 @@ class MMDiT(nn.Module):
     ctx = ctx.astype(residual)
     block_cond = L.shared_modulation(self.modulation, cond, **kw)
 
-    block_cls = nn.remat(MMDiTBlock) if self.remat else MMDiTBlock
-    for i in range(self.depth):
+    block_cls = scan.block_class(MMDiTBlock, remat=self.remat, policy=self.remat_policy, scanned=self.scan_layers)
+    block_kw = dict(modulation=self.modulation, **kw)
+    make_block = lambda name, last=False: block_cls(
+      d, self.num_heads, self.mlp_ratio, self.qk_norm, context_pre_only=last, name=name, **block_kw
+    )
+    first = self.scanned_depth if self.scan_layers else 0  # the last block (context pre-only) is never scanned
+    if first:
+      step = lambda block, carry, cond: block(*map(L.constrain_tokens, carry), cond)
+      tokens, ctx = scan.scan_blocks(step, make_block(scan.BLOCKS), (tokens, ctx), block_cond, length=first)
+    for i in range(first, self.depth):
       tokens, ctx = L.constrain_tokens(tokens), L.constrain_tokens(ctx)
-      block = block_cls(
-        d,
-        self.num_heads,
-        self.mlp_ratio,
-        self.qk_norm,
-        context_pre_only=i == self.depth - 1,
-        modulation=self.modulation,
-        name=f'blocks_{i}',
-        **kw,
-      )
-      tokens, ctx = block(tokens, ctx, block_cond)
+      tokens, ctx = make_block(f'blocks_{i}', last=i == self.depth - 1)(tokens, ctx, block_cond)
     tokens = L.constrain_tokens(tokens)
     out = L.FinalLayer(p * p * c, modulation=self.modulation, name='final_layer', **kw)(tokens, cond)
     out = L.unpatchify(out, p, gh, gw)
