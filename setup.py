@@ -31,7 +31,8 @@ setuptools.setup(
         # torch and torchvision are pinned as an exact pair: pytorch-fid needs torchvision, and PyPI's torchvision
         # fails to import beside the 2.13.0 CPU build ('operator torchvision::nms does not exist'); 2.14.1 + 0.29.1
         # is a matching pair (a CUDA build, ~5.5 GB, run on the CPU here).
-        'test': ['pytest>=9.0', 'ruff>=0.17', 'torch==2.14.1', 'torchvision==0.29.1', 'pytorch-fid==0.3.0',
+        # pytest-xdist runs the suite on two processes (make test, .ci/run).
+        'test': ['pytest>=9.0', 'pytest-xdist>=3.8', 'ruff>=0.17', 'torch==2.14.1', 'torchvision==0.29.1', 'pytorch-fid==0.3.0',
                  'prdc==0.2', 'diffusers>=0.42.1',
                  # The notebooks are executed by the test suite.
                  'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29'],

@@ -67,8 +67,13 @@ def base() -> ml_collections.ConfigDict:
       pooled_dim=0,  # context_dim > 0: text-conditional (cached text embeddings)
       qk_norm=False,
       modulation='block',  # 'block': a modulation Linear per block (SD3, DiT); 'single': adaLN-single (PixArt-alpha)
+      learn_sigma=False,  # DiT: also predict the variance (improved DDPM), as the public DiT checkpoints do
+      pos_embed_max_size=0,  # MMDiT: SD3's positions, cropped from a grid of this side (0: positions from 0, as DiT)
+      pos_embed_base_size=0,  # with pos_embed_max_size: the grid side SD3 trained at (0: pos_embed_max_size)
       dtype='bfloat16',
       remat=True,
+      remat_policy='full',  # with remat: 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'attention_out'
+      scan_layers=False,  # the blocks as one nn.scan, params stacked on a leading `layers` axis (fast compiles)
     )
   )
   c.diffusion = ml_collections.ConfigDict(
@@ -83,6 +88,7 @@ def base() -> ml_collections.ConfigDict:
       logit_std=1.0,
       mode_scale=1.29,
       shift=1.0,
+      vb_weight=1.0,  # with model.learn_sigma: the weight of the variational bound term (DiT's L_simple + L_vb)
     )
   )
   o = OptimConfig()
@@ -116,6 +122,7 @@ def base() -> ml_collections.ConfigDict:
       stats_gradient=False,  # gradient through the prediction's mean/std in that standardisation (docs/lpl.md)
       groups=0,
       remat=True,
+      remat_policy='full',  # of the decoder branch, with remat: the names of model.remat_policy
       num_blocks=4,
     )
   )
@@ -142,6 +149,20 @@ def base() -> ml_collections.ConfigDict:
   )
   # Stop before a diverging step is saved: a loss spike over the running median, a gradient norm over a limit.
   c.guard = ml_collections.ConfigDict(dict(loss_spike=0.0, window=100, max_grad_norm=0.0))  # 0: off
+  # Evaluation in the loop: EMA samples against a reference statistics file (python -m lpl_jax.evaluate).
+  c.eval = ml_collections.ConfigDict(
+    dict(
+      every=0,  # 0: off; else every this many steps and at the end
+      num_images=1000,
+      reference='',  # the statistics file `python -m lpl_jax.evaluate --write_reference` writes
+      features='inception',  # 'inception' (FID, needs inception_weights) or 'small_domain' (the embedded photographs)
+      inception_weights='',  # pytorch-fid's pt_inception-2015-12-05 .pth (a local file)
+      batch_size=0,  # images per sampling call over all devices (0: data.global_batch)
+      keep_best=True,  # keep the EMA params of the best evaluation as checkpoints/best
+    )
+  )
+  # A jax.profiler trace of steps [start_step, start_step + num_steps) in <workdir>/profile (0 steps: off).
+  c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=0, all_processes=False))
   return c
 
 
@@ -205,6 +226,8 @@ def paper(v: dict) -> ml_collections.ConfigDict:
   c.model.kind = 'mmdit'  # 28 blocks, width 1536 (base())
   c.model.dtype = 'bfloat16'
   c.model.remat = True
+  c.model.scan_layers = True  # one scanned block: the step compiles 5x faster (docs/performance.md), same function
+  c.model.remat_policy = 'full'  # fits 32 GiB per device at 16 rows; the dots policies do not (docs/performance.md)
   set_formulation(c, v['formulation'])
   c.optim.lr = 1e-4
   c.optim.warmup_steps = 1_000 if v['phase'] == 'pretrain' else 0
@@ -212,6 +235,7 @@ def paper(v: dict) -> ml_collections.ConfigDict:
   c.optim.ema_decay = 0.99975 if v['lpl'] else 0.9999
   c.lpl.enabled = v['lpl']  # the paper preset: w_lpl 3.0, sigma/alpha <= 5 at 256 px (scaled), Eq. 3's averaging
   c.lpl.chunk = 1  # one row at a time through the decoder: bounded memory, same FLOPs (benchmarks/lpl_overhead.py)
+  c.lpl.remat_policy = 'dots_saveable'  # keeps the decoder's convolutions: -13% step FLOPs, no more memory
   c.sample.steps = 50
   c.sample.guidance = 1.5 if v['res'] == 256 else 2.0
   c.init.required = v['phase'] == 'post'

@@ -6,8 +6,11 @@ Everything here takes the typed `Experiment` (`train.config`), never a `ConfigDi
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,11 +23,15 @@ from jax.sharding import PartitionSpec as P
 
 from lpl_jax import autoencoder as ae_lib
 from lpl_jax import diffusion
+from lpl_jax import models as models_lib
+from lpl_jax.models import dit as dit_lib
+from lpl_jax.models import scan as scan_lib
 from lpl_jax.models.dit import DiT
 from lpl_jax.models.mmdit import MMDiT
-from lpl_jax.train import sharding
+from lpl_jax.train import perf, sharding
 from lpl_jax.train.checkpoint import Checkpointer
 from lpl_jax.train.config import DTYPES, Experiment, autoencoder_config, formulation, latent_shape, step_config
+from lpl_jax.train.errors import ConfigError
 from lpl_jax.train.state import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -54,9 +61,14 @@ def make_denoiser(exp: Experiment, latent_channels: int) -> DiT | MMDiT:
     dtype=DTYPES[m.dtype],
     remat=m.remat,
     modulation=m.modulation,
+    remat_policy=m.remat_policy,
+    scan_layers=m.scan_layers,
   )
   if m.kind == 'dit':
-    return DiT(num_classes=m.num_classes, **kw)
+    return DiT(num_classes=m.num_classes, learn_sigma=m.learn_sigma, **kw)
+  if m.pos_embed_max_size:
+    kw['pos_embed_max_size'] = m.pos_embed_max_size
+    kw['pos_embed_base_size'] = m.pos_embed_base_size or None
   return MMDiT(
     num_classes=m.num_classes,
     context_dim=m.context_dim or None,
@@ -98,6 +110,81 @@ def batch_spec(exp: Experiment) -> dict[str, jax.ShapeDtypeStruct]:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class AbstractStep:
+  """The train step's inputs as `jax.ShapeDtypeStruct`s with their shardings (nothing allocated), and the state's
+  shardings: what the trainer compiles ahead, a checkpoint restores into, and the benchmarks lower."""
+
+  state: Any
+  state_shardings: Any
+  batch: dict[str, jax.ShapeDtypeStruct]
+  ae_params: Any
+
+
+def abstract_step(
+  exp: Experiment,
+  model: Any,
+  ae_model: ae_lib.AutoencoderKL | None,
+  optimizer: Any,
+  mesh: Mesh,
+  *,
+  ae_params: Any = None,
+) -> AbstractStep:
+  """The one builder of the abstract sharded train state (and the step's other inputs) for an experiment: the
+  trainer compiles ahead on it, a checkpoint restores into its state (the sampler's `restore_state`), and the config
+  lowering and the benchmarks lower on it.
+
+  Args:
+    ae_model: the frozen autoencoder; None when only the state is wanted (its params are then None).
+    ae_params: the autoencoder params the step will get (their tree and dtypes are used), or None for those of
+      `ae_model`'s initialiser.
+  """
+  state, shardings = sharding.abstract_state(init_params_fn(exp, model), optimizer, mesh, fsdp=exp.mesh.shard_params)
+  replicated = NamedSharding(mesh, P())
+  if ae_params is None and ae_model is not None:
+    ae_params = jax.eval_shape(lambda k: ae_lib.init_params(ae_model, k), jax.random.key(0))
+  ae_abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x), sharding=replicated), ae_params
+  )
+  rows = sharding.batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in batch_spec(exp).items()}
+  return AbstractStep(state, shardings, batch, ae_abstract)
+
+
+def lower_step(exp: Experiment, step_fn: Any, inputs: AbstractStep, mesh: Mesh) -> Any:
+  """`step_fn` (from `sharding.jit_train_step`) lowered on `inputs`, traced with the logical axis rules in force."""
+  with sharding.tracing_context(mesh, fsdp=exp.mesh.shard_params):
+    return step_fn.lower(inputs.state, inputs.batch, inputs.ae_params)
+
+
+def compile_step(
+  exp: Experiment, step_fn: Any, inputs: AbstractStep, mesh: Mesh, *, memory_limit: int | None = None
+) -> tuple[Any, perf.CompiledCost]:
+  """The step compiled ahead, on abstract inputs, and its cost; stops when it needs more memory than a device holds.
+
+  Args:
+    memory_limit: bytes per device; None: what the backend reports (nothing on CPUs, where nothing is checked).
+
+  Raises:
+    ConfigError: the compiled step's peak memory per device exceeds the limit, with the fields that size it.
+  """
+  start = time.perf_counter()
+  compiled = lower_step(exp, step_fn, inputs, mesh).compile()
+  cost = perf.compiled_cost(compiled, time.perf_counter() - start)
+  limit = memory_limit if memory_limit is not None else perf.device_memory_limit(mesh.local_devices[0])
+  if limit is not None and cost.peak_bytes > limit:
+    m, d = exp.model, exp.data
+    raise ConfigError(
+      f'the train step needs {cost.peak_bytes / perf.GIB:.2f} GiB per device (arguments '
+      f'{cost.argument_bytes / perf.GIB:.2f}, temporaries {cost.temp_bytes / perf.GIB:.2f}) and a device holds '
+      f'{limit / perf.GIB:.2f} GiB: data.global_batch={d.global_batch} over {mesh.size} devices, '
+      f'data.resolution={d.resolution}, model.kind={m.kind!r} with {m.depth} blocks of {m.hidden_size}, '
+      f'lpl.enabled={exp.lpl.enabled}. Lower data.global_batch (step.accum_steps keeps the batch), set '
+      'model.remat=True, shard the params (mesh.fsdp, mesh.shard_params=True) or set lpl.chunk.'
+    )
+  return compiled, cost
+
+
 def lower_train_step(exp: Experiment, mesh: Mesh | None = None) -> Any:
   """The experiment's train step lowered for abstract inputs (nothing is materialised): checks that a config's
   shapes fit together, and gives XLA's cost and memory analyses after `.compile()` (benchmarks)."""
@@ -106,18 +193,63 @@ def lower_train_step(exp: Experiment, mesh: Mesh | None = None) -> Any:
   model = make_denoiser(exp, ae_model.config.latent_channels)
   cfg = step_config(exp, num_devices=mesh.size)
   optimizer = make_optimizer(cfg.optim)
-  state, shardings = sharding.abstract_state(init_params_fn(exp, model), optimizer, mesh, fsdp=exp.mesh.shard_params)
-  replicated = NamedSharding(mesh, P())
-  ae_params = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-    jax.eval_shape(lambda k: ae_lib.init_params(ae_model, k), jax.random.key(0)),
+  inputs = abstract_step(exp, model, ae_model, optimizer, mesh)
+  step = sharding.jit_train_step(
+    inputs.state_shardings, mesh, model=model, optimizer=optimizer, cfg=cfg, ae_model=ae_model
   )
-  batch = {
-    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
-    for k, v in batch_spec(exp).items()
-  }
-  step = sharding.jit_train_step(shardings, mesh, model=model, optimizer=optimizer, cfg=cfg, ae_model=ae_model)
-  return step.lower(state, batch, ae_params)
+  return lower_step(exp, step, inputs, mesh)
+
+
+PYTORCH_CHECKPOINTS = ('.pt', '.pth')
+_NOT_ARCHITECTURE = frozenset({'parent', 'name', 'dtype', 'param_dtype', 'remat', 'remat_policy', 'scan_layers'})
+
+
+def is_pretrained(path: str) -> bool:
+  """Whether `init.checkpoint` names imported weights (a diffusers model folder, whose `config.json` has a
+  `_class_name`, or an original DiT `.pt`/`.pth` state dict) rather than a run of ours."""
+  if path.endswith(PYTORCH_CHECKPOINTS):
+    return True
+  config = epath.Path(path) / 'config.json'
+  try:
+    return config.is_file() and '_class_name' in json.loads(config.read_text())
+  except (OSError, ValueError):
+    return False
+
+
+def import_denoiser(model: DiT | MMDiT, path: str) -> dict:
+  """Host params for `model` (the config's denoiser, in its layout: `model.scan_layers` stacks the blocks) from
+  pretrained weights: a diffusers folder (`DiT` or SD3's `MMDiT`) or an original DiT checkpoint. Raises a `ValueError`
+  naming each architecture field in which the weights differ from the config, with the config key to set."""
+  if path.endswith(PYTORCH_CHECKPOINTS):
+    # strict against `model`'s shapes; the importers give the unscanned layout (lpl_jax.models.scan)
+    return scan_lib.to_layout(model, dit_lib.from_pytorch_checkpoint(path, model=model.clone(scan_layers=False))[1])
+  imported, params = models_lib.from_diffusers(path)
+  if type(imported) is not type(model):
+    raise ValueError(
+      f'{path} holds a {type(imported).__name__}; the config builds a {type(model).__name__} '
+      f'(model.kind={"dit" if isinstance(imported, DiT) else "mmdit"!r}).'
+    )
+  unused = {'num_classes', 'num_class_tokens'} if getattr(model, 'context_dim', None) else set()
+  fields = [f.name for f in dataclasses.fields(model) if f.name not in _NOT_ARCHITECTURE | unused]
+  differ = [
+    f'{"the autoencoder latent channels" if f == "in_channels" else "model." + f} = {getattr(model, f)!r}, '
+    f'the weights {getattr(imported, f)!r}'
+    for f in fields
+    if getattr(model, f) != getattr(imported, f)
+  ]
+  if differ:
+    raise ValueError(f'{path}: the weights are not the configured {type(model).__name__}: ' + '; '.join(differ) + '.')
+  return scan_lib.to_layout(model, params)
+
+
+def place_like(host: Any, like: Any) -> Any:
+  """Host arrays -> arrays with the shapes, dtypes and shardings of `like` (the same tree), each process
+  contributing its own shards."""
+  return jax.tree.map(
+    lambda h, ref: jax.make_array_from_callback(ref.shape, ref.sharding, lambda idx: np.asarray(h, ref.dtype)[idx]),
+    host,
+    like,
+  )
 
 
 def checkpoint_folder(workdir: str) -> str:
@@ -129,8 +261,7 @@ def checkpoint_folder(workdir: str) -> str:
 def restore_state(exp: Experiment, folder: str, model: Any, mesh: Mesh, *, step: int = -1) -> tuple[Any, int]:
   """`(train state, step)` of checkpoint `step` (-1: the latest) in `folder`, restored straight into its sharded
   layout on `mesh`."""
-  optimizer = make_optimizer(exp.optim)
-  target, _ = sharding.abstract_state(init_params_fn(exp, model), optimizer, mesh, fsdp=exp.mesh.shard_params)
+  target = abstract_step(exp, model, None, make_optimizer(exp.optim), mesh).state
   with Checkpointer(folder, save_every=1, async_save=False) as ckpt:
     restored = ckpt.restore(target, step=None if step < 0 else step)
   if restored is None:
@@ -156,7 +287,7 @@ def make_generate_fn(exp: Experiment, model: Any, ae_model: ae_lib.AutoencoderKL
   return diffusion.make_generate_fn(
     model,
     ae_model,
-    formulation(exp.diffusion),
+    formulation(exp.diffusion, learn_sigma=exp.model.learn_sigma),
     latent_shape=latent_shape(exp),
     settings=settings,
     null_class=exp.model.num_classes,

@@ -93,8 +93,13 @@ class ModelSection:
   pooled_dim: int
   qk_norm: bool
   modulation: str  # 'block' or 'single' (adaLN-single); lpl_jax.models.layers
+  learn_sigma: bool  # DiT: 2C output channels, the prediction then the variance interpolation
+  pos_embed_max_size: int  # MMDiT: SD3's cropped positions (0: none)
+  pos_embed_base_size: int  # their grid's training side (0: pos_embed_max_size)
   dtype: str
   remat: bool
+  remat_policy: str  # what a rematerialised block keeps (lpl_jax.models.layers.REMAT_POLICIES)
+  scan_layers: bool  # the blocks as one nn.scan over stacked params
 
   @property
   def text(self) -> bool:
@@ -113,6 +118,7 @@ class DiffusionSection:
   logit_std: float
   mode_scale: float
   shift: float
+  vb_weight: float  # the variational bound term's weight when the model learns its variance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +143,7 @@ class LPLSection:
   stats_gradient: bool
   groups: int
   remat: bool
+  remat_policy: str  # of the decoder branch (the names of model.remat_policy)
   num_blocks: int
 
 
@@ -193,6 +200,32 @@ class GuardSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalSection:
+  """Evaluation in the loop: every `every` steps (0: off) and at the end, `num_images` samples of the EMA params
+  against the statistics file `reference`, with the `features` extractor (`'inception'`: FID with the weights file
+  `inception_weights`; `'small_domain'`: the embedded photographs' extractor). `batch_size` images per sampling call
+  (0: data.global_batch); `keep_best` keeps the best evaluation's EMA params as `checkpoints/best`."""
+
+  every: int
+  num_images: int
+  reference: str
+  features: str
+  inception_weights: str
+  batch_size: int
+  keep_best: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileSection:
+  """A `jax.profiler` trace of the steps `[start_step, start_step + num_steps)` in `<workdir>/profile`, written by
+  process 0 (every process with `all_processes`); `num_steps = 0` is off."""
+
+  start_step: int
+  num_steps: int
+  all_processes: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
   """A whole run. The top-level fields are the loop's; the sections are the pieces it builds."""
 
@@ -215,6 +248,8 @@ class Experiment:
   init: InitSection
   sample: SampleSection
   guard: GuardSection
+  eval: EvalSection
+  profile: ProfileSection
 
   @classmethod
   def from_config_dict(cls, config: Any) -> Experiment:
@@ -324,7 +359,9 @@ def autoencoder_config(section: AutoencoderSection) -> ae_lib.AutoencoderConfig:
   return ae_lib.PRESETS[section.preset]
 
 
-def formulation(section: DiffusionSection) -> diffusion.Formulation:
+def formulation(section: DiffusionSection, *, learn_sigma: bool = False) -> diffusion.Formulation:
+  """The formulation of `section`; `learn_sigma` (the model section's) adds the variance channels and the
+  hybrid loss."""
   return from_section(
     'diffusion',
     lambda: diffusion.get_formulation(
@@ -333,6 +370,8 @@ def formulation(section: DiffusionSection) -> diffusion.Formulation:
       beta_start=section.beta_start,
       beta_end=section.beta_end,
       zero_terminal_snr=section.zero_terminal_snr,
+      learn_sigma=learn_sigma,
+      vb_weight=section.vb_weight,
     ),
   )
 
@@ -364,6 +403,7 @@ def lpl_config(section: LPLSection) -> lpl_lib.LPLConfig | None:
     return None
   overrides = dict(
     remat=section.remat,
+    remat_policy=section.remat_policy,
     num_blocks=section.num_blocks,
     norm_axis=section.norm_axis,
     stats_gradient=section.stats_gradient,
@@ -389,7 +429,7 @@ def step_config(exp: Experiment, *, num_devices: int | None = None) -> StepConfi
   noise-level threshold of the preset's gate at the data's resolution (`lpl.noise_level_threshold`,
   `TimestepSampler.split`)."""
   num_devices = jax.device_count() if num_devices is None else num_devices
-  form = formulation(exp.diffusion)
+  form = formulation(exp.diffusion, learn_sigma=exp.model.learn_sigma)
   sampler = timestep_sampler(exp.diffusion, form)
   loss = lpl_config(exp.lpl)
   groups = rows = 0
@@ -431,6 +471,23 @@ def latent_shape(exp: Experiment) -> tuple[int, int, int]:
 # them in a `config.json` that lacks them, so sampling and evaluating an older run keep working.
 ADDED_FIELDS = {
   'model.modulation': 'block',
+  'model.learn_sigma': False,
+  'model.pos_embed_max_size': 0,
+  'model.pos_embed_base_size': 0,
+  'model.remat_policy': 'full',
+  'model.scan_layers': False,
+  'lpl.remat_policy': 'full',
+  'eval': {
+    'every': 0,
+    'num_images': 1000,
+    'reference': '',
+    'features': 'inception',
+    'inception_weights': '',
+    'batch_size': 0,
+    'keep_best': True,
+  },
+  'profile': {'start_step': 0, 'num_steps': 0, 'all_processes': False},
+  'diffusion.vb_weight': 1.0,
   'lpl.norm_axis': 'space',
   'lpl.stats_gradient': True,  # the statistics used to be differentiated
   'step.loss_weighting': 'none',

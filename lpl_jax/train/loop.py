@@ -10,12 +10,15 @@ folder or a `gs://` one alike (through `train.files`; orbax writes the checkpoin
   metrics.jsonl           one JSON object per logged step, each step once after any restarts
   tensorboard/            TensorBoard event files (tensorboardX)
   samples/<step>.png      sample grids (EMA params by default)
+  profile/                a jax.profiler trace of the steps `config.profile` names (TensorBoard, xprof)
   config.json             the experiment the run was started with
   status.json             running | finished | stopped (preempted: rerun to continue) | failed (with the error)
   previous/<time>/        the history of an earlier run whose checkpoints are gone
 
 Everything the run can check before its first step is checked before anything compiles, in this order: the
-config (`validate`), the workdir and its lock, the data (the first batch is read), the autoencoder's weights.
+config (`validate`), the workdir and its lock, the data (the first batch is read), the autoencoder's weights. Then
+the step is compiled ahead on abstract inputs (a step that does not fit a device's memory stops there), before the
+state is allocated.
 
 The loop only waits for the device where it must: metrics of step s are read after step s + 1 was dispatched,
 and at checkpoint steps before the save, so a step whose loss is non-finite (or trips the guard) is never
@@ -40,7 +43,7 @@ from lpl_jax import data as data_lib
 from lpl_jax.autoencoder import AutoencoderKL, sample_posterior
 from lpl_jax.data.errors import DataError
 from lpl_jax.eval.report import save_grid
-from lpl_jax.train import build, files, sharding
+from lpl_jax.train import build, evaluation, files, perf, sharding
 from lpl_jax.train import workdir as workdir_lib
 from lpl_jax.train.checkpoint import Checkpointer, PreemptionWatch
 from lpl_jax.train.config import Experiment, step_config
@@ -70,6 +73,7 @@ class Run:
   pipeline: Any  # grain IterDataset of this process's rows
   source: Any
   generate_fn: Any  # (params, ae_params, key, cond) -> uint8 images
+  cost: perf.CompiledCost | None = None  # of the step compiled ahead (None: compiled at its first call)
 
 
 def data_pipeline(exp: Experiment) -> tuple[Any, Any]:
@@ -113,14 +117,15 @@ def _reading(what: str, fn: Callable[[], Any]) -> Any:
     raise ConfigError(f'{what}: {" ".join(str(e).split())}') from e
 
 
-def setup(exp: Experiment) -> Run:
+def setup(exp: Experiment, *, compile_step: bool = True) -> Run:
   """Validates the experiment and builds the run's pieces, the state freshly initialised. The data's first batch
-  and the autoencoder's weights are read before anything compiles."""
+  and the autoencoder's weights are read before anything compiles; then the step is compiled on abstract inputs
+  (`compile_step=False` leaves it to the first call)."""
   validate(exp)
-  return _build(exp)
+  return _build(exp, compile_step=compile_step)
 
 
-def _build(exp: Experiment) -> Run:
+def _build(exp: Experiment, *, compile_step: bool = True) -> Run:
   source, pipeline = _reading(f'data.source={exp.data.source!r}', lambda: data_pipeline(exp))
   next(iter(pipeline))  # an unreadable first batch (a bad image, a truncated shard) fails now, not after compiling
   mesh = sharding.make_mesh(exp.mesh.data, exp.mesh.fsdp)
@@ -128,10 +133,24 @@ def _build(exp: Experiment) -> Run:
   model = build.make_denoiser(exp, ae_model.config.latent_channels)
   step_cfg = step_config(exp)
   optimizer = make_optimizer(step_cfg.optim)
-  state, shardings = sharding.init_state(
+  inputs = build.abstract_step(exp, model, ae_model, optimizer, mesh, ae_params=ae_host)
+  step_fn = sharding.jit_train_step(
+    inputs.state_shardings, mesh, model=model, optimizer=optimizer, cfg=step_cfg, ae_model=ae_model
+  )
+  cost = None
+  if compile_step:  # before the state is allocated and the data pipeline started: a step that does not fit stops here
+    step_fn, cost = build.compile_step(exp, step_fn, inputs, mesh)
+    log.info(
+      'train step compiled in %.1f s; per device: %.3f GiB peak (arguments %.3f, temporaries %.3f), %s TFLOP',
+      cost.compile_s,
+      cost.peak_bytes / perf.GIB,
+      cost.argument_bytes / perf.GIB,
+      cost.temp_bytes / perf.GIB,
+      'unknown' if cost.flops is None else f'{cost.flops / 1e12:.4g}',
+    )
+  state, _ = sharding.init_state(
     build.init_params_fn(exp, model), optimizer, jax.random.key(exp.seed), mesh, fsdp=exp.mesh.shard_params
   )
-  step_fn = sharding.jit_train_step(shardings, mesh, model=model, optimizer=optimizer, cfg=step_cfg, ae_model=ae_model)
   return Run(
     exp,
     mesh,
@@ -144,12 +163,19 @@ def _build(exp: Experiment) -> Run:
     pipeline,
     source,
     build.make_generate_fn(exp, model, ae_model, mesh),
+    cost,
   )
 
 
 def restore_init(run: Run) -> TrainState:
-  """Post-training: params and EMA (and the optimizer state if asked) of a pre-training checkpoint; step 0."""
+  """Post-training: params and EMA (and the optimizer state if asked) of a pre-training checkpoint, or params and
+  EMA both from imported pretrained weights with a fresh optimizer; step 0."""
   init = run.exp.init
+  if build.is_pretrained(init.checkpoint):
+    host = _reading(f'init.checkpoint={init.checkpoint!r}', lambda: build.import_denoiser(run.model, init.checkpoint))
+    params = build.place_like(host, run.state.params)
+    log.info('post-training from the pretrained weights %s (optimizer fresh)', init.checkpoint)
+    return run.state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
   folder = build.checkpoint_folder(init.checkpoint)
   with Checkpointer(folder, save_every=1, async_save=False) as ckpt:
     restored = _reading(
@@ -280,13 +306,25 @@ def _train(run: Run, workdir: str) -> Outcome:
   g = exp.guard
   guard = Guard(g.loss_spike, g.window, g.max_grad_norm) if g.loss_spike or g.max_grad_norm else None
   logger = MetricLogger(
-    workdir, start=start, total=exp.total_steps, progress=exp.progress, guard=guard, purge_step=purge_step
+    workdir,
+    start=start,
+    total=exp.total_steps,
+    progress=exp.progress,
+    guard=guard,
+    purge_step=purge_step,
+    cost=run.cost,
+    peak_tflops=perf.peak_tflops(run.mesh.local_devices[0].device_kind),
   )
   preempt = PreemptionWatch()
+  profile = perf.ProfileWindow(exp.profile.start_step, exp.profile.num_steps, exp.profile.all_processes, workdir)
   saved: dict[int, dict[str, float]] = {}
   samples = os.path.join(workdir, 'samples')
   try:
-    state, done = _steps(run, state, start, _batches(run, data_iter, start), ckpt, logger, preempt, workdir, saved)
+    with logger.paused():
+      evaluator = evaluation.start(run, workdir, state, start, resumed=resumed, logger=logger)  # None: eval.every 0
+    state, done = _steps(
+      run, state, start, _batches(run, data_iter, start), ckpt, logger, preempt, workdir, saved, evaluator, profile
+    )
     finished = done == exp.total_steps
     if finished and (start < exp.total_steps or not epath.Path(samples).exists()):
       write_samples(run, state, os.path.join(samples, f'{exp.total_steps:08d}.png'))
@@ -302,6 +340,7 @@ def _train(run: Run, workdir: str) -> Outcome:
     write_status(workdir, 'failed', start, exp.total_steps, str(e))
     raise
   finally:
+    profile.close()
     logger.close()
     ckpt.close()
     preempt.close()
@@ -346,22 +385,28 @@ def _steps(
   preempt: PreemptionWatch,
   outdir: str,
   saved: dict[int, dict[str, float]],
+  evaluator: evaluation.InLoop | None = None,
+  profile: perf.ProfileWindow | None = None,
 ) -> tuple[TrainState, bool]:
   """Steps `start` to `total_steps`; `(state, the last step done)`, which is short of `total_steps` when a
-  preemption stopped the run; `saved` gets the metrics of each step saved.
+  preemption stopped the run; `saved` gets the metrics of each step saved; `profile` traces its window.
 
   The metrics of a step are read once the next step is dispatched (`pending`), except at checkpoint steps, which
   are read before the save so that a non-finite step is never saved.
   """
   exp = run.exp
   pending = None
+  profile = profile or perf.ProfileWindow(0, 0, False, outdir)
   for step in range(start, exp.total_steps):
     batch, data_state = next(batches)
-    state, metrics = run.step_fn(state, batch, run.ae_params)
+    profile.before(step)
+    with profile.annotation(step):
+      state, metrics = run.step_fn(state, batch, run.ae_params)
     logger.count(exp.data.global_batch)
     if pending is not None:
       logger.record(*pending, write=pending[0] % exp.log_every == 0)
     done = step + 1
+    profile.after(done, metrics)
     pending = (done, metrics)
     stop = preempt.reached(done)
     if stop or done % exp.checkpoint_every == 0 or done == exp.total_steps:
@@ -369,8 +414,11 @@ def _steps(
       pending = None
       ckpt.save(done, state, data_state, force=True)
       saved[done] = logger.recorded[1]
-    if exp.sample_every and done % exp.sample_every == 0:
-      write_samples(run, state, os.path.join(outdir, 'samples', f'{done:08d}.png'))
+    with logger.paused():  # the step time leaves these out
+      if exp.sample_every and done % exp.sample_every == 0:
+        write_samples(run, state, os.path.join(outdir, 'samples', f'{done:08d}.png'))
+      if evaluator is not None and not stop:  # a preempted run evaluates this step when it resumes
+        evaluator.at(state, done, logger)  # every eval.every steps and at the end; reads the state, changes nothing
     if stop:
       log.warning('preempted: saved step %d, stopping.', done)
       return state, done

@@ -11,6 +11,7 @@ in a workdir with a history (its checkpoints were deleted) moves the old history
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any
 import jax
 from etils import epath
 
-from lpl_jax.train import files
+from lpl_jax.train import files, perf
 from lpl_jax.train.errors import DivergenceGuardError, NonFiniteLossError, non_finite
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class Guard:
 
 class MetricLogger:
   """Reads every step's metrics from the device, stops on a non-finite loss or a tripped guard, and on log steps
-  writes them with the images per second since the previous log step and updates the progress bar.
+  writes them with the throughput since the previous log step (`perf.throughput`) and updates the progress bar.
 
   Args:
     workdir: where `metrics.jsonl` and `tensorboard/` go.
@@ -160,6 +161,9 @@ class MetricLogger:
     progress: show a progress bar (process 0 only).
     guard: the divergence guard (None: only non-finite metrics stop the run).
     purge_step: see `MetricWriter`.
+    cost: the compiled step's FLOPs and memory; its once-per-run figures (compile time, memory) go into the first
+      row written.
+    peak_tflops: the device's bf16 peak, for `perf/mfu` (None: not logged).
   """
 
   def __init__(
@@ -171,12 +175,18 @@ class MetricLogger:
     progress: bool,
     guard: Guard | None = None,
     purge_step: int | None = None,
+    cost: perf.CompiledCost | None = None,
+    peak_tflops: float | None = None,
   ):
     self.writer = MetricWriter(workdir, purge_step=purge_step)
     self.last: dict[str, float] = {}  # the last written
     self.recorded: tuple[int, dict[str, float]] | None = None  # the last checked, written or not
     self._guard = guard
-    self._t0, self._rows = time.perf_counter(), 0
+    self._cost, self._peak = cost, peak_tflops
+    self._once = cost.metrics() if cost is not None else {}
+    # Throughput counts the steps whose metrics were read: reading waits for the device, so the time between two
+    # written rows is the device time of the steps read in between (whatever the dispatch was ahead).
+    self._t0, self._rows, self._steps, self._paused, self._per_step = time.perf_counter(), 0, 0, 0.0, 0
     self._bar = None
     if progress and jax.process_index() == 0:
       from tqdm import tqdm
@@ -184,14 +194,25 @@ class MetricLogger:
       self._bar = tqdm(total=total, initial=start, desc='train', dynamic_ncols=True)
 
   def count(self, rows: int) -> None:
-    """`rows` more images went through a step."""
-    self._rows += rows
+    """One more step dispatched, of `rows` images (the global batch)."""
+    self._per_step = rows
     if self._bar is not None:
       self._bar.update(1)
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Time spent inside (sample grids, evaluation) is left out of the step time."""
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused += time.perf_counter() - t0
 
   def record(self, step: int, metrics: dict[str, Any], *, write: bool) -> None:
     """Checks step `step`'s metrics (waits for the device) and, when `write`, logs them."""
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    self._steps += 1
+    self._rows += self._per_step
     bad = non_finite(scalars, WATCHED)
     if bad:
       raise NonFiniteLossError(step, bad)
@@ -200,16 +221,21 @@ class MetricLogger:
     self.recorded = (step, scalars)
     if not write:
       return
-    dt = time.perf_counter() - self._t0
-    scalars = dict(scalars, img_per_s=self._rows / dt if dt > 0 else 0.0)
-    self._t0, self._rows = time.perf_counter(), 0
+    seconds = time.perf_counter() - self._t0 - self._paused
+    scalars = dict(scalars)  # `recorded` keeps the step's own metrics
+    scalars |= perf.throughput(self._cost, seconds=seconds, steps=self._steps, images=self._rows, peak=self._peak)
+    if 'lpl/rows_fraction' in scalars:
+      scalars['perf/lpl_rows_fraction'] = scalars['lpl/rows_fraction']
+    scalars |= self._once
+    self._once = {}
+    self._t0, self._rows, self._steps, self._paused = time.perf_counter(), 0, 0, 0.0
     self.writer.write(step, scalars)
     self.last = scalars
     if self._bar is not None:
       self._bar.set_postfix(
         loss=f'{scalars["loss/total"]:.4f}',
         lpl=f'{scalars.get("loss/lpl", 0.0):.4f}',
-        img_s=f'{scalars["img_per_s"]:.1f}',
+        img_s=f'{scalars.get("perf/images_per_s", 0.0):.1f}',
       )
 
   def close(self) -> None:

@@ -9,6 +9,7 @@ directly in its sharded layout (`jax.jit(..., out_shardings=...)` on shapes from
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -75,7 +76,21 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 def param_rules(fsdp: bool) -> tuple:
   """Logical-to-mesh rules: FSDP over the `fsdp` axis, or (empty rules) everything replicated."""
-  return axes.fsdp_rules() if fsdp else ()
+  return axes.fsdp_rules() if fsdp else ((axes.LAYERS, None),)  # a scanned model's stacked blocks: unsharded
+
+
+def activation_rules(fsdp: bool) -> tuple:
+  """The rules the models' activation constraints (`with_logical_constraint`) read: the batch over every mesh axis
+  (without a rule for it, a constraint would replicate the batch), with FSDP the parameter rules too."""
+  return axes.fsdp_rules() if fsdp else ((axes.BATCH, step_lib.BATCH_AXES),)
+
+
+@contextlib.contextmanager
+def tracing_context(mesh: Mesh, *, fsdp: bool):
+  """The mesh and logical axis rules in force while a step is traced, so that `layers.constrain_tokens` and every
+  `with_logical_constraint` in the models become sharding constraints (outside it they are no-ops)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(activation_rules(fsdp)):
+    yield
 
 
 def _state_fn(

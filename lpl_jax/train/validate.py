@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 
 import jax
+from etils import epath
 
 from lpl_jax import autoencoder as ae_lib
 from lpl_jax import diffusion
 from lpl_jax import lpl as lpl_lib
-from lpl_jax.models.layers import MODULATIONS
+from lpl_jax.models.layers import MODULATIONS, REMAT_POLICIES
+from lpl_jax.train.build import PYTORCH_CHECKPOINTS, is_pretrained
 from lpl_jax.train.config import (
   DATA_KINDS,
   DTYPES,
@@ -80,6 +82,25 @@ def _check_loop(exp: Experiment) -> None:
   for name in ('total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'num_sample_images'):
     check(getattr(exp, name) > 0, f'{name}={getattr(exp, name)}; expected > 0.')
   check(exp.sample_every >= 0, f'sample_every={exp.sample_every}; expected >= 0 (0: at the end only).')
+  ev, pr = exp.eval, exp.profile
+  check(ev.every >= 0, f'eval.every={ev.every}; expected >= 0 (0: off).')
+  check(ev.num_images > 0, f'eval.num_images={ev.num_images}; expected > 0.')
+  check(ev.batch_size >= 0, f'eval.batch_size={ev.batch_size}; expected >= 0 (0: data.global_batch).')
+  check(
+    ev.features in EVAL_FEATURES,
+    f"eval.features={ev.features!r}; expected 'inception' (FID) or 'small_domain' (the embedded photographs).",
+  )
+  if ev.every:
+    check(ev.reference != '', 'eval.every > 0 needs eval.reference (python -m lpl_jax.evaluate --write_reference).')
+    check(
+      ev.features != 'inception' or ev.inception_weights != '',
+      "eval.features='inception' needs eval.inception_weights (pytorch-fid's pt_inception .pth file).",
+    )
+    check(ev.num_images >= 6, f'eval.num_images={ev.num_images}; density/coverage (k = 5) need at least 6.')
+  check(
+    pr.start_step >= 0 and pr.num_steps >= 0,
+    f'profile: start_step={pr.start_step}, num_steps={pr.num_steps}; expected >= 0 (num_steps 0: off).',
+  )
   g = exp.guard
   check(g.loss_spike == 0 or g.loss_spike > 1, f'guard.loss_spike={g.loss_spike}; expected 0 (off) or a factor > 1.')
   check(g.window >= 1, f'guard.window={g.window}; expected >= 1.')
@@ -114,6 +135,8 @@ def _check_data_and_model(exp: Experiment) -> None:
   check(d.latent_sampling in ('sample', 'mean'), f"data.latent_sampling={d.latent_sampling!r}; 'sample' or 'mean'.")
   check(d.global_batch > 0, f'data.global_batch={d.global_batch}; expected > 0.')
   check(m.kind in MODEL_KINDS, f'model.kind={m.kind!r}; expected one of {MODEL_KINDS}.')
+  for field, policy in (('model.remat_policy', m.remat_policy), ('lpl.remat_policy', exp.lpl.remat_policy)):
+    check(policy in REMAT_POLICIES, f'{field}={policy!r}; expected one of {REMAT_POLICIES}.')
   check(
     m.modulation in MODULATIONS,
     f"model.modulation={m.modulation!r}; expected 'block' (a modulation Linear per block) or 'single' "
@@ -125,6 +148,21 @@ def _check_data_and_model(exp: Experiment) -> None:
     m.hidden_size % m.num_heads == 0,
     f'model.hidden_size={m.hidden_size} is not a multiple of model.num_heads={m.num_heads}.',
   )
+  check(
+    not m.learn_sigma or m.kind == 'dit',
+    'model.learn_sigma=True is for model.kind = dit (the public DiT checkpoints); the MMDiT predicts no variance.',
+  )
+  check(
+    not m.learn_sigma or exp.diffusion.formulation != 'flow_ot',
+    'model.learn_sigma=True needs a DDPM formulation: flows have no variance to learn.',
+  )
+  for field in ('pos_embed_max_size', 'pos_embed_base_size'):
+    check(getattr(m, field) >= 0, f'model.{field}={getattr(m, field)}; expected >= 0 (0: none).')
+  check(
+    m.pos_embed_max_size == 0 or m.kind == 'mmdit',
+    "model.pos_embed_max_size (SD3's cropped positions) is for model.kind = mmdit.",
+  )
+  check(exp.diffusion.vb_weight >= 0, f'diffusion.vb_weight={exp.diffusion.vb_weight}; expected >= 0.')
   if m.text:
     check(m.kind == 'mmdit', 'text conditioning (model.context_dim > 0) needs model.kind = mmdit.')
     check(m.context_len > 0, 'text conditioning needs model.context_len (tokens per caption) > 0.')
@@ -135,7 +173,7 @@ def _check_data_and_model(exp: Experiment) -> None:
 
 
 def _check_sampling(exp: Experiment) -> None:
-  form = formulation(exp.diffusion)
+  form = formulation(exp.diffusion, learn_sigma=exp.model.learn_sigma)
   timestep_sampler(exp.diffusion, form)
   s = exp.sample
   check(s.sampler in diffusion.SAMPLERS, f'sample.sampler={s.sampler!r}; known: {diffusion.SAMPLERS}.')
@@ -192,6 +230,8 @@ def _check_batch(exp: Experiment, num_devices: int, process_count: int) -> None:
     f'data.global_batch={b} does not split over {num_devices} devices x step.accum_steps={accum}.',
   )
   check(b % process_count == 0, f'data.global_batch={b} does not split over {process_count} processes.')
+  eb = exp.eval.batch_size
+  check(eb % num_devices == 0, f'eval.batch_size={eb} does not split over {num_devices} devices (0: global_batch).')
   from_section('mesh', lambda: mesh_shape(exp.mesh.data, exp.mesh.fsdp, num_devices))
   if exp.lpl.enabled:
     groups = lpl_groups(exp, num_devices)
@@ -202,6 +242,9 @@ def _check_batch(exp: Experiment, num_devices: int, process_count: int) -> None:
     )
 
 
+EVAL_FEATURES = ('inception', 'small_domain')
+
+
 def _check_files(exp: Experiment) -> None:
   weights = exp.autoencoder.weights
   check(
@@ -210,9 +253,27 @@ def _check_files(exp: Experiment) -> None:
     '(LPL with a random decoder is meaningless outside tests).',
   )
   check(not weights or os.path.isdir(weights), f'autoencoder.weights={weights!r} is not a folder.')
+  ev = exp.eval
+  if ev.every:
+    for field, path in (('eval.reference', ev.reference), ('eval.inception_weights', ev.inception_weights)):
+      check(path == '' or epath.Path(path).is_file(), f'{field}={path!r} is not a file.')
+    from lpl_jax.eval.reference import check_reference
+
+    # The reference's extractor and resolution (its header only), before anything compiles.
+    header = dict(features=ev.features, resolution=exp.data.resolution, what='reference')
+    from_section('eval', lambda: check_reference(ev.reference, **header))
   init = exp.init.checkpoint
   check(
     init != '' or not exp.init.required,
     'this is a post-training config: name the pre-training run with --config.init.checkpoint=WORKDIR.',
   )
-  check(init == '' or os.path.isdir(init), f'init.checkpoint={init!r} is not a folder.')
+  if init.endswith(PYTORCH_CHECKPOINTS):
+    check(os.path.isfile(init), f'init.checkpoint={init!r} is not a file.')
+  else:
+    check(init == '' or os.path.isdir(init), f'init.checkpoint={init!r} is not a folder.')
+  if init and is_pretrained(init):
+    check(
+      not exp.init.keep_optimizer and exp.init.step == -1,
+      f'init.checkpoint={init!r} holds pretrained weights, not a run: it has no optimizer state or steps '
+      '(init.keep_optimizer=False, init.step=-1).',
+    )

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lpl_jax import data as data_lib
+from lpl_jax import diffusion
 from lpl_jax.train import build
 from lpl_jax.train import config as config_lib
 from lpl_jax.train.config import ConfigError, Experiment, step_config
@@ -15,11 +16,12 @@ from tests.run import common
 
 
 def test_every_config_file_lists_its_variants():
-  assert {'demo_cpu.py', 'imagenet.py', 'cc12m.py'} <= set(common.CONFIG_FILES)
+  assert {'demo_cpu.py', 'imagenet.py', 'cc12m.py', 'sd3.py'} <= set(common.CONFIG_FILES)
   variants = dict.fromkeys(common.CONFIG_FILES, 0)
   for name, _ in common.all_variants():
     variants[name] += 1
-  assert variants['imagenet.py'] == 15 and variants['cc12m.py'] == 5 and variants['demo_cpu.py'] >= 3
+  assert variants['imagenet.py'] == 19 and variants['cc12m.py'] == 5 and variants['demo_cpu.py'] >= 3
+  assert variants['sd3.py'] == 4
 
 
 @pytest.mark.parametrize('name,variant', common.all_variants())
@@ -31,7 +33,7 @@ def test_config_builds_and_validates(name, variant):
   assert (cfg.lpl is not None) == ('lpl' in variant.split(','))
   if cfg.lpl is not None:
     assert cfg.lpl_rows_per_group > 0
-    if name != 'demo_cpu.py':
+    if name in ('imagenet.py', 'cc12m.py') and 'dit' not in variant:
       assert exp.optim.ema_decay == 0.99975
 
 
@@ -43,7 +45,8 @@ def test_paper_settings():
   assert (c.diffusion.formulation, c.diffusion.timesteps, c.sample.sampler) == ('flow_ot', 'mode', 'euler')
   for name, variant in common.all_variants():  # Tables 2-3: the asymmetric autoencoder; the demo its own
     preset = common.experiment(name, variant).autoencoder.preset
-    assert preset == ('tiny' if name == 'demo_cpu.py' else 'asymmetric_x1_5'), (name, variant)
+    if name in ('imagenet.py', 'cc12m.py') and 'dit' not in variant:
+      assert preset == 'asymmetric_x1_5', (name, variant)
   v = common.load('imagenet.py').get_config('post256,v')
   assert v.diffusion.zero_terminal_snr and v.optim.ema_decay == 0.9999 and v.sample.guidance == 1.5
   with pytest.raises(ValueError, match="unknown config variant token 'lpk'"):
@@ -93,6 +96,65 @@ def test_zero_terminal_snr_configs_sample_from_the_last_timestep_as_diffusers_tr
     validate(exp.replace(sample={'spacing': 'leading'}), num_devices=8, check_files=False)
 
 
+def test_public_dit_settings():
+  """The dit variants keep DiT's own diffusion (Peebles & Xie 2023, section 3 and appendix; its `create_diffusion`):
+  linear betas 1e-4..2e-2 over 1000 steps, learned sigma, sd-vae-ft (scaling 0.18215), 1000 classes + null."""
+  for res in (256, 512):
+    exp = common.experiment('imagenet.py', f'post{res},dit,lpl')
+    m, d = exp.model, exp.diffusion
+    assert (m.kind, m.patch_size, m.hidden_size, m.depth, m.num_heads, m.learn_sigma) == ('dit', 2, 1152, 28, 16, True)
+    assert (d.formulation, d.schedule, d.beta_start, d.beta_end, d.zero_terminal_snr) == (
+      'ddpm_eps',
+      'linear',
+      1e-4,
+      0.02,
+      False,
+    )
+    assert (m.num_classes, exp.autoencoder.preset, exp.data.resolution, exp.init.required) == (1000, 'sd1', res, True)
+    assert (exp.sample.sampler, exp.sample.steps, exp.sample.guidance) == ('ddpm', 250, 1.5)
+    # DiT's `space_timesteps(1000, '250')`: one section, a fractional stride of 999 / 249 from 0, rounded.
+    respaced = sorted({round(i * 999 / 249) for i in range(250)})
+    grid = diffusion.ddpm_timesteps(1000, exp.sample.steps, exp.sample.spacing)
+    np.testing.assert_array_equal(grid[::-1], respaced)
+    ac = config_lib.formulation(d).alphas_cumprod
+    betas = 1 - ac / np.concatenate([[1.0], ac[:-1]])
+    np.testing.assert_allclose(betas, np.linspace(1e-4, 0.02, 1000), rtol=1e-5)
+  with pytest.raises(ValueError, match='post-train the public DiT-XL/2, a DDPM-eps model'):
+    common.load('imagenet.py').get_config('post256,dit,flow')
+
+
+def test_sd3_settings():
+  exp = common.experiment('sd3.py', 'post1024,lpl')
+  m, d = exp.model, exp.diffusion
+  assert (m.kind, m.depth, m.hidden_size, m.num_heads, m.context_dim, m.context_len, m.pooled_dim) == (
+    'mmdit',
+    24,
+    1536,
+    24,
+    4096,
+    333,
+    2048,
+  )
+  assert m.pos_embed_base_size == 64
+  assert (m.pos_embed_max_size, m.qk_norm, exp.autoencoder.preset, exp.data.resolution) == (192, False, 'sd3', 1024)
+  assert (d.formulation, d.timesteps, d.shift, exp.sample.sampler) == ('flow_ot', 'logit_normal', 3.0, 'euler')
+  with pytest.raises(ValueError, match='post512\\[,lpl\\] or post1024'):
+    common.load('sd3.py').get_config('post256')
+
+
+def test_pretrained_weights_have_no_optimizer_state(tmp_path):
+  folder = tmp_path / 'transformer'
+  folder.mkdir()
+  (folder / 'config.json').write_text(json.dumps({'_class_name': 'DiTTransformer2DModel'}))
+  exp = _demo(**{'init.checkpoint': str(folder), 'init.keep_optimizer': True})
+  with pytest.raises(ConfigError, match='holds pretrained weights, not a run'):
+    validate(exp, num_devices=1)
+  with pytest.raises(ConfigError, match="init.checkpoint='.*missing.pt' is not a file"):
+    validate(_demo(**{'init.checkpoint': str(tmp_path / 'missing.pt')}), num_devices=1)
+  assert build.is_pretrained(str(folder)) and build.is_pretrained('weights.pt')
+  assert not build.is_pretrained(str(tmp_path))
+
+
 def _demo(**overrides):
   return common.experiment('demo_cpu.py', 'post,lpl', **overrides)
 
@@ -123,6 +185,8 @@ def _demo(**overrides):
     ('step.loss_weighting', 'snr', "step.loss_weighting='snr'; expected one of"),
     ('step.min_snr_gamma', 0.0, 'step.min_snr_gamma=0.0; expected > 0'),
     ('step.stats_decay', 1.0, 'step.stats_decay=1.0; expected in'),
+    ('model.pos_embed_max_size', 16, "model.pos_embed_max_size (SD3's cropped positions) is for model.kind = mmdit"),
+    ('diffusion.vb_weight', -1.0, 'diffusion.vb_weight=-1.0; expected >= 0'),
   ],
 )
 def test_inconsistent_config_is_named(field, value, message):
@@ -196,18 +260,32 @@ def _check_lowered(exp):
   text = build.lower_train_step(exp).as_text()
   assert text.startswith('module @jit_train_step') and 'func.func public @main' in text
   assert ('stablehlo.case' in text) == exp.lpl.enabled
+  return text
 
 
-def test_demo_step_lowers():
-  _check_lowered(_demo())
+def test_demo_step_lowers_with_the_models_sharding_constraints():
+  """The step is traced with the logical axis rules in force: the DiT's token-stream constraints (before the blocks
+  and after each) become sharding constraints, in the forward pass and in its transpose."""
+  exp = _demo()
+  text = _check_lowered(exp)
+  assert text.count('sdy.sharding_constraint') == 2 * (exp.model.depth + 1)
+
+
+LOWERED = [
+  nv
+  for nv in common.all_variants()
+  if (nv[0] in ('imagenet.py', 'cc12m.py') and 'dit' not in nv[1])
+  or nv in (('imagenet.py', 'post512,dit,lpl'), ('sd3.py', 'post512,lpl'))
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name,variant', [nv for nv in common.all_variants() if nv[0] != 'demo_cpu.py'])
+@pytest.mark.parametrize('name,variant', LOWERED)
 def test_paper_config_step_lowers(name, variant):
-  """Each paper config's step (MMDiT, SD decoder, LPL, its resolution, formulation and conditioning) traced and
-  lowered on abstract shapes. The MMDiT is cut to 2 of its 28 blocks here, which changes no shape (tracing 28 blocks
-  takes ~20 s per config on 2 cores); the full depth is lowered for two configs below."""
+  """Each paper config's step (MMDiT, SD decoder, LPL, its resolution, formulation and conditioning), and one of
+  each recipe that post-trains a public model, traced and lowered on abstract shapes. The denoiser is cut to 2 of
+  its blocks here, which changes no shape (tracing 28 blocks takes ~20 s per config on 2 cores); the full depth is
+  lowered for two configs below."""
   _check_lowered(common.experiment(name, variant, **{'model.depth': 2}))
 
 

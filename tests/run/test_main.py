@@ -26,8 +26,33 @@ def _leaves(workdir, step):
 @pytest.fixture(scope='module')
 def pretrained(env, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('pretrain')
-  common.run_main(env, 'pretrain', workdir, '--config.total_steps=4', '--config.checkpoint_every=2')
+  common.run_main(
+    env,
+    'pretrain',
+    workdir,
+    '--config.total_steps=4',
+    '--config.checkpoint_every=2',
+    '--config.profile.start_step=1',
+    '--config.profile.num_steps=2',
+  )
   return workdir
+
+
+@pytest.mark.slow
+def test_a_run_logs_its_cost_and_writes_its_profile(pretrained):
+  """Throughput in every row (no MFU: a CPU has no known peak), the compiled step's figures once, and a trace of
+  the profile window that TensorBoard's profile plugin reads."""
+  rows = [json.loads(line) for line in open(pretrained / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  for r in rows:
+    assert r['perf/step_s'] > 0 and r['perf/images_per_s'] > 0 and r['perf/tflops_per_device'] > 0
+    assert r['perf/images_per_s'] * r['perf/step_s'] == pytest.approx(16)  # the demo's global batch
+    assert 'perf/mfu' not in r
+  once = [r for r in rows if 'perf/compile_s' in r]
+  assert [r['step'] for r in once] == [1] and once[0]['perf/compile_s'] > 0
+  assert 0 < once[0]['perf/memory_argument_gib'] <= once[0]['perf/memory_peak_gib']
+  traces = list((pretrained / 'profile' / 'plugins' / 'profile').glob('*/*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
 
 
 POST = ('--config.total_steps=8', '--config.checkpoint_every=2')
@@ -64,7 +89,9 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(env, pretrain
 
 @pytest.mark.slow
 def test_post_training_starts_from_the_pretraining_checkpoint(pretrained):
-  run = loop.setup(common.experiment('demo_cpu.py', 'post,lpl', **{'init.checkpoint': str(pretrained)}))
+  run = loop.setup(
+    common.experiment('demo_cpu.py', 'post,lpl', **{'init.checkpoint': str(pretrained)}), compile_step=False
+  )
   state = loop.restore_init(run)  # the step the loop takes when no checkpoint exists
   saved = ocp.StandardCheckpointer().restore(os.path.join(pretrained, 'checkpoints', '4', 'state'))
   for part in ('params', 'ema_params'):
