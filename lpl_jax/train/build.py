@@ -151,10 +151,12 @@ def abstract_step(
   return AbstractStep(state, shardings, batch, ae_abstract)
 
 
-def lower_step(exp: Experiment, step_fn: Any, inputs: AbstractStep, mesh: Mesh) -> Any:
-  """`step_fn` (from `sharding.jit_train_step`) lowered on `inputs`, traced with the logical axis rules in force."""
+def trace_step(exp: Experiment, step_fn: Any, inputs: AbstractStep, mesh: Mesh) -> tuple[Any, Any]:
+  """`(traced, lowered)`: `step_fn` (from `sharding.jit_train_step`) traced on `inputs` with the logical axis rules
+  in force, and lowered."""
   with sharding.tracing_context(mesh, fsdp=exp.mesh.shard_params):
-    return step_fn.lower(inputs.state, inputs.batch, inputs.ae_params)
+    traced = step_fn.trace(inputs.state, inputs.batch, inputs.ae_params)
+    return traced, traced.lower()
 
 
 def compile_step(
@@ -169,8 +171,9 @@ def compile_step(
     ConfigError: the compiled step's peak memory per device exceeds the limit, with the fields that size it.
   """
   start = time.perf_counter()
-  compiled = lower_step(exp, step_fn, inputs, mesh).compile()
-  cost = perf.compiled_cost(compiled, time.perf_counter() - start)
+  traced, lowered = trace_step(exp, step_fn, inputs, mesh)
+  compiled = lowered.compile()
+  cost = perf.compiled_cost(compiled, time.perf_counter() - start, flops=perf.jaxpr_flops(traced.jaxpr, mesh.size))
   limit = memory_limit if memory_limit is not None else perf.device_memory_limit(mesh.local_devices[0])
   if limit is not None and cost.peak_bytes > limit:
     m, d = exp.model, exp.data
@@ -197,7 +200,7 @@ def lower_train_step(exp: Experiment, mesh: Mesh | None = None) -> Any:
   step = sharding.jit_train_step(
     inputs.state_shardings, mesh, model=model, optimizer=optimizer, cfg=cfg, ae_model=ae_model
   )
-  return lower_step(exp, step, inputs, mesh)
+  return trace_step(exp, step, inputs, mesh)[1]
 
 
 PYTORCH_CHECKPOINTS = ('.pt', '.pth')

@@ -71,3 +71,50 @@ def test_a_step_that_does_not_fit_stops_naming_what_sizes_it():
   message = r'the train step needs .* GiB per device .* data\.global_batch=16 over 1 devices, data\.resolution=32'
   with pytest.raises(ConfigError, match=message):
     build.compile_step(exp, fn, inputs, mesh, memory_limit=cost.peak_bytes - 1)
+
+
+def test_flops_count_every_trip_of_a_loop_where_xla_counts_one():
+  """A scanned matmul: 7 trips of 2 m n k. XLA's cost analysis of the compiled loop counts its body once, which is
+  why the loop reports the traced count."""
+  m, n, steps = 64, 128, 7
+  fn = jax.jit(lambda x, w: jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=steps)[0])
+  traced = fn.trace(jax.ShapeDtypeStruct((m, n), jnp.float32), jax.ShapeDtypeStruct((n, n), jnp.float32))
+  cost = perf.compiled_cost(traced.lower().compile(), flops=perf.jaxpr_flops(traced.jaxpr))
+  assert cost.flops == steps * 2 * m * n * n
+  assert cost.xla_flops == pytest.approx(2 * m * n * n, rel=1e-3)
+
+
+def test_flops_of_a_cond_and_of_a_shard_map_per_device():
+  """The costlier branch of a cond; a shard_map body at its per-device shapes, on every device."""
+  k = len(jax.devices())
+  mesh = Mesh(np.asarray(jax.devices()), ('d',))
+  per_device = jax.shard_map(lambda a, b: a @ b, mesh=mesh, in_specs=(P('d'), P()), out_specs=P('d'))
+  a, b = jax.ShapeDtypeStruct((8 * k, 128), jnp.float32), jax.ShapeDtypeStruct((128, 32), jnp.float32)
+  traced = jax.jit(per_device).trace(a, b)
+  assert perf.jaxpr_flops(traced.jaxpr, k) == 2 * 8 * 128 * 32
+  branchy = jax.jit(lambda p, a, b: jax.lax.cond(p, lambda: (a @ b) @ b.T, lambda: a)).trace(
+    jax.ShapeDtypeStruct((), jnp.bool_), a, b
+  )
+  assert perf.jaxpr_flops(branchy.jaxpr) == 2 * 8 * k * 128 * 32 * 2
+
+
+@pytest.mark.parametrize('which', ['dit', 'decoder'])
+def test_flops_agree_with_xla_on_programs_without_loops(which):
+  """Forward and backward of a small DiT and of the tiny decoder, unrolled: the traced count of products and
+  convolutions is within 5% of XLA's count of everything (measured: -2.0% and +3.7%)."""
+  from lpl_jax import autoencoder as ae
+  from lpl_jax import models
+
+  if which == 'dit':
+    model = models.DiT(patch_size=2, hidden_size=256, depth=2, num_heads=4, num_classes=10)
+    x, t, y = jnp.zeros((8, 16, 16, 4)), jnp.zeros((8,)), jnp.zeros((8,), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x, t, y)
+    fn = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply(p, x, t, y) ** 2)))
+  else:
+    model = ae.from_preset('tiny')
+    params = jax.eval_shape(lambda k: ae.init_params(model, k), jax.random.key(0))
+    x = jnp.zeros((2, 8, 8, 4))
+    fn = jax.jit(jax.grad(lambda p, z: jnp.sum(model.apply({'params': p}, z, method=model.decode) ** 2)))
+  traced = fn.trace(params, x)
+  cost = perf.compiled_cost(traced.lower().compile(), flops=perf.jaxpr_flops(traced.jaxpr))
+  assert cost.flops == pytest.approx(cost.xla_flops, rel=0.05)
