@@ -14,7 +14,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check lpl_jax tests benchmarks configs
 	$(VENV)/bin/ruff format --check lpl_jax tests benchmarks configs
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=15 tests
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
