@@ -38,8 +38,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from benchmarks.decoder_features import flops_of, fmt, ratio
 from lpl_jax import autoencoder as ae
@@ -152,23 +150,22 @@ def step_config(
   )
 
 
-def abstract_inputs(model: nn.Module, optimizer, mesh, *, side: int, batch: int, ae_model: ae.AutoencoderKL | None):
-  """`(state, state_shardings, batch, ae_params)` as sharded `ShapeDtypeStruct`s, via `jax.eval_shape` only."""
-  x, t, y = jnp.zeros((1, side, side, 4)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
-  state, shardings = train.abstract_state(lambda k: model.init(k, x, t, y)['params'], optimizer, mesh, fsdp=True)
-  rows = train.batch_sharding(mesh)
-  data = {
-    'latents': jax.ShapeDtypeStruct((batch * mesh.size, side, side, 4), jnp.float32, sharding=rows),
-    'labels': jax.ShapeDtypeStruct((batch * mesh.size,), jnp.int32, sharding=rows),
-  }
-  ae_params = {}
+def abstract_inputs(
+  args, model: nn.Module, optimizer, mesh, *, resolution: int, ae_model: ae.AutoencoderKL | None
+) -> build.AbstractStep:
+  """The trainer's abstract step inputs (`build.abstract_step`, sharded `ShapeDtypeStruct`s from `jax.eval_shape`)
+  for the ImageNet experiment at `resolution` with `args.batch` rows per device and FSDP over the mesh; the
+  autoencoder params cut to what the LPL reads (the encoder is not needed when training on cached latents)."""
+  exp = Experiment.from_config_dict(imagenet_config()).replace(
+    data={'resolution': resolution, 'global_batch': args.batch * mesh.size},
+    autoencoder={'preset': args.ae},
+    mesh={'data': 1, 'fsdp': mesh.size, 'shard_params': True},
+  )
+  used = {}
   if ae_model is not None:
-    replicated = NamedSharding(mesh, P())
     full = jax.eval_shape(lambda k: ae.init_params(ae_model, k), jax.random.key(1))
-    # Only what the LPL reads: the encoder is not needed when training on cached latents.
     used = {k: v for k, v in full.items() if k in ('decoder', 'post_quant_conv')}
-    ae_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), used)
-  return state, shardings, data, ae_params
+  return build.abstract_step(exp, model, ae_model, optimizer, mesh, ae_params=used)
 
 
 def while_loops(compiled: Any) -> list[str]:
@@ -200,24 +197,23 @@ def memory_of(compiled: Any) -> dict[str, float]:
 
 
 def compile_step(resolution: int, args, mesh, *, lpl_on: bool, chunk: int = 0, depth: int) -> dict[str, Any]:
-  side = resolution // 8
   model = denoiser(args, depth)
   ae_model = ae.from_preset(args.ae, dtype=jnp.bfloat16) if lpl_on else None  # remat comes from LPLConfig.remat
   cfg = step_config(resolution, args.batch, lpl_on=lpl_on, chunk=chunk, tau=args.tau, num_classes=model.num_classes)
   optimizer = train.make_optimizer(cfg.optim)
-  state, shardings, data, ae_params = abstract_inputs(
-    model, optimizer, mesh, side=side, batch=args.batch, ae_model=ae_model
+  inputs = abstract_inputs(args, model, optimizer, mesh, resolution=resolution, ae_model=ae_model)
+  step = train.jit_train_step(
+    inputs.state_shardings, mesh, model=model, optimizer=optimizer, cfg=cfg, ae_model=ae_model
   )
-  step = train.jit_train_step(shardings, mesh, model=model, optimizer=optimizer, cfg=cfg, ae_model=ae_model)
   start = time.perf_counter()
-  compiled = step.lower(state, data, ae_params).compile(compiler_options=ANALYSIS_ONLY)
+  compiled = step.lower(inputs.state, inputs.batch, inputs.ae_params).compile(compiler_options=ANALYSIS_ONLY)
   seconds = time.perf_counter() - start
   print(
     f'  compiled {resolution} px depth {depth} {"LPL lpl_chunk=" + str(chunk) if lpl_on else "w/o LPL"} in '
     f'{seconds:.0f} s',
     flush=True,
   )
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  n_params = sum(x.size for x in jax.tree.leaves(inputs.state.params))
   return dict(
     compiled=compiled,
     compile_s=seconds,
