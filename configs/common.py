@@ -133,6 +133,7 @@ def base() -> ml_collections.ConfigDict:
       loss_weighting='none',  # 'min_snr' (Hang et al., min_snr_gamma) or 'lpl_variance' (Eq. 15; docs/lpl.md)
       min_snr_gamma=5.0,
       stats_decay=0.99,  # of the running loss variances Eq. 15 reads
+      stratify_timesteps=False,  # without LPL, stratify the timesteps by the lpl gate (paired baselines: compare)
     )
   )
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_params=False))

@@ -45,7 +45,7 @@ def get_config(arg=None):
   c.optim.lr = 5e-4 if pretrain else 2e-4
   c.optim.warmup_steps = 50 if pretrain else 0
   c.optim.ema_decay = 0.995 if v['lpl'] else 0.998  # the paper's ratio of EMA half-lives (0.99975 vs 0.9999)
-  c.optim.ema_warmup = True
+  c.optim.ema_warmup = pretrain  # post-training's EMA starts from the pre-training EMA: no warmup
 
   c.lpl.enabled = v['lpl']
   c.lpl.remat = False

@@ -150,13 +150,17 @@ class LPLSection:
 @dataclasses.dataclass(frozen=True)
 class StepSection:
   """`loss_weighting`: `'none'`, `'min_snr'` (with `min_snr_gamma`) or `'lpl_variance'` (Eq. 15, needs `lpl.enabled`;
-  the LPL branch then only measures, `StepConfig`); `stats_decay`: decay of the running loss variances."""
+  the LPL branch then only measures, `StepConfig`); `stats_decay`: decay of the running loss variances;
+  `stratify_timesteps`: without LPL, draw the timesteps stratified by the `lpl` section's gate all the same, as an
+  LPL run of the same config does (`python -m lpl_jax.compare` sets it for every variant: paired runs then see the
+  same timesteps; the marginal distribution is unchanged)."""
 
   label_dropout: float
   accum_steps: int
   loss_weighting: str
   min_snr_gamma: float
   stats_decay: float
+  stratify_timesteps: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,9 +401,10 @@ def timestep_sampler(section: DiffusionSection, form: diffusion.Formulation) -> 
 PRESET_NORMALIZE = {'paper': 'batch', 'reference': 'rows'}
 
 
-def lpl_config(section: LPLSection) -> lpl_lib.LPLConfig | None:
-  """The loss config: the preset, with the fields the section sets (see `LPLSection`); None when LPL is off."""
-  if not section.enabled:
+def lpl_config(section: LPLSection, *, enabled: bool | None = None) -> lpl_lib.LPLConfig | None:
+  """The loss config: the preset, with the fields the section sets (see `LPLSection`); None when LPL is off
+  (`enabled` overrides `section.enabled`: the gate of a paired baseline is the one LPL would use)."""
+  if not (section.enabled if enabled is None else enabled):
     return None
   overrides = dict(
     remat=section.remat,
@@ -432,11 +437,12 @@ def step_config(exp: Experiment, *, num_devices: int | None = None) -> StepConfi
   form = formulation(exp.diffusion, learn_sigma=exp.model.learn_sigma)
   sampler = timestep_sampler(exp.diffusion, form)
   loss = lpl_config(exp.lpl)
+  gate = loss if loss is not None else (lpl_config(exp.lpl, enabled=True) if exp.step.stratify_timesteps else None)
   groups = rows = 0
-  if loss is not None:
+  if gate is not None:
     groups = lpl_groups(exp, num_devices)
     rows = sampler.split(
-      form, lpl_lib.noise_level_threshold(loss, exp.data.resolution, form), exp.data.global_batch // groups
+      form, lpl_lib.noise_level_threshold(gate, exp.data.resolution, form), exp.data.global_batch // groups
     )
   return from_section(
     'lpl',
@@ -493,6 +499,7 @@ ADDED_FIELDS = {
   'step.loss_weighting': 'none',
   'step.min_snr_gamma': 5.0,
   'step.stats_decay': 0.99,
+  'step.stratify_timesteps': False,
   'optim.ema_start_step': 0,
   'sample.spacing': 'leading',
   'guard': {'loss_spike': 0.0, 'window': 100, 'max_grad_norm': 0.0},

@@ -40,7 +40,9 @@ class StepConfig:
     formulation, sampler: the diffusion formulation and the timestep distribution.
     lpl: the loss config, or None for a step without LPL (nothing of the autoencoder is traced then).
     lpl_rows_per_group: K, rows per stratification group drawn below the noise threshold (`TimestepSampler.split`
-      of the group size); the step's LPL rows are `lpl_rows_per_group * lpl_groups`.
+      of the group size); the step's LPL rows are `lpl_rows_per_group * lpl_groups`. Without `lpl`, K > 0 only
+      stratifies the timesteps the same way (a baseline paired with an LPL run draws the same timesteps as it:
+      `step.stratify_timesteps`); the marginal distribution of a row's timestep is the sampler's either way.
     lpl_groups: the global batch is cut into this many equal groups, each starting with its K LPL rows (0 = one
       group per device). Fixing it makes the step's randomness independent of the mesh, so a run on 8 devices and
       one on 1 device with the same `lpl_groups` compute the same thing; it must be a multiple of the device count.
@@ -238,12 +240,13 @@ def lpl_groups_of(cfg: StepConfig, batch: int, shards: int) -> int:
 def noise_batch(
   keys: tuple[jax.Array, jax.Array, jax.Array], batch: dict[str, jax.Array], cfg: StepConfig, groups: int
 ) -> Noised:
-  """Draws the timesteps (stratified when LPL is on), the noise and the label dropout for the whole batch from
-  `keys = (t_key, noise_key, drop_key)`, so that gradient accumulation sees the same draws as one pass."""
+  """Draws the timesteps (stratified when K > 0: LPL on, or a paired baseline), the noise and the label dropout for
+  the whole batch from `keys = (t_key, noise_key, drop_key)`, so that gradient accumulation sees the same draws as
+  one pass."""
   z0 = batch['latents']
   b = z0.shape[0]
   t_key, noise_key, drop_key = keys
-  if cfg.lpl is not None and cfg.lpl_rows_per_group > 0:
+  if cfg.lpl_rows_per_group > 0:
     t = stratified_timesteps(t_key, cfg, b, groups)
   else:
     t = cfg.sampler.sample(t_key, b)

@@ -4,6 +4,7 @@ building those objects (`train.config.step_config` and friends), their errors na
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -125,6 +126,19 @@ def _check_loop(exp: Experiment) -> None:
   )
   check(st.min_snr_gamma > 0, f'step.min_snr_gamma={st.min_snr_gamma}; expected > 0.')
   check(0 <= st.stats_decay < 1, f'step.stats_decay={st.stats_decay}; expected in [0, 1).')
+  o = exp.optim
+  check(
+    not (o.ema_warmup and exp.init.checkpoint and o.ema_start_step == 0),
+    f'optim.ema_warmup=True with init.checkpoint={exp.init.checkpoint!r}: the warmup decay min(ema_decay, '
+    '(1 + n) / (10 + n)) counts n from 0 in post-training, so it stays below ema_decay for about '
+    f"{_warmup_steps(o.ema_decay)} steps while the EMA starts from the checkpoint's, which needs no warmup; set "
+    'optim.ema_warmup=False (or optim.ema_start_step, which restarts the EMA from the params and warms up from there).',
+  )
+
+
+def _warmup_steps(decay: float) -> int:
+  """The first n at which (1 + n) / (10 + n) reaches `decay`."""
+  return int(math.ceil((10 * decay - 1) / (1 - decay))) if decay < 1 else 0
 
 
 def _check_data_and_model(exp: Experiment) -> None:

@@ -295,3 +295,18 @@ def test_paper_config_step_lowers_at_full_depth(name, variant):
   exp = common.experiment(name, variant)
   assert exp.model.depth == 28 and exp.model.hidden_size == 1536
   _check_lowered(exp)
+
+
+def test_ema_warmup_is_refused_in_post_training_unless_the_ema_restarts():
+  # The warmup's n counts from 0 after init.checkpoint: at decay 0.998 it would hold the decay below 0.998 for the
+  # first 4490 steps, so the configured decay would never act in a short post-training run.
+  post = {'init.checkpoint': 'runs/pre', 'optim.ema_warmup': True, 'optim.ema_decay': 0.998}
+  with pytest.raises(ConfigError, match='optim.ema_warmup=True with init.checkpoint=.* for about 4490 steps'):
+    validate(_demo(**post), num_devices=1, check_files=False)
+  assert (1 + 4490) / (10 + 4490) >= 0.998 > (1 + 4489) / (10 + 4489)
+  validate(_demo(**post, **{'optim.ema_start_step': 100}), num_devices=1, check_files=False)
+  validate(_demo(**{'optim.ema_warmup': True}), num_devices=1, check_files=False)  # from scratch: the warmup's job
+  for variant in ('post', 'post,lpl'):  # the demo's post-training configs pass
+    validate(
+      common.experiment('demo_cpu.py', variant, **{'init.checkpoint': 'runs/pre'}), num_devices=1, check_files=False
+    )
