@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, 'lpl_jax')
-PROGRAMS = {'main', 'sample', 'evaluate', 'encode', 'train_autoencoder', 'demo'}
+PROGRAMS = {'main', 'sample', 'evaluate', 'encode', 'train_autoencoder', 'demo', 'compare'}
 # Rank of each subpackage: it may import only from lower ranks (and from itself).
 LAYERS = {
   'weights': 0,

@@ -155,6 +155,13 @@ class Evaluator:
     pending = [(n, self._features(self._extractor_params, x)) for n, x in self._samples(ema_params)]
     return np.concatenate([sharding.to_host(f)[:n] for n, f in pending])
 
+  def samples_and_features(self, ema_params: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`(uint8 [num_images, H, W, 3] samples, float32 [num_images, D] their features)` from one sampling pass, on
+    every process (what `images` and `features` give, without sampling twice)."""
+    pending = [(n, x, self._features(self._extractor_params, x)) for n, x in self._samples(ema_params)]
+    images = np.concatenate([sharding.to_host(x)[:n] for n, x, _ in pending])
+    return images, np.concatenate([sharding.to_host(f)[:n] for n, _, f in pending])
+
   def evaluate(self, ema_params: Any) -> dict[str, float]:
     """`{eval/fid or eval/fd_small_domain, eval/precision, eval/recall, eval/density, eval/coverage,
     eval/seconds}`, the same on every process (process 0's)."""
