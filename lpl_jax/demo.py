@@ -2,9 +2,11 @@
 
   python -m lpl_jax.demo --workdir=runs/demo [--quick] [--seed=0]
 
-An autoencoder trained on the photographs, a latent cache, a DiT pre-trained and then post-trained twice from the
-same checkpoint (with and without LPL), samples and metrics of both, `<workdir>/report.md`. The experiments are
-`configs/demo_cpu.py`'s; every stage skips what an earlier run finished (lpl_jax/workflows/miniature.py).
+An autoencoder trained on the photographs, a latent cache, reference statistics, a DiT pre-trained, then a paired
+comparison (`python -m lpl_jax.compare`'s): several seeds of post-training from that checkpoint with and without
+LPL, each run evaluated the same way, and `<workdir>/report.md` with the paired differences and their intervals.
+The experiments are `configs/demo_cpu.py`'s; every stage skips what an earlier run finished
+(lpl_jax/workflows/miniature.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from lpl_jax.workflows import miniature
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Where every stage and the report go.')
 _QUICK = flags.DEFINE_bool('quick', False, 'A few steps per stage (the test suite).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of every stage.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of every stage (the comparison uses seed, seed + 1, ...).')
 _VERBOSE = define_verbose_flag()
 
 

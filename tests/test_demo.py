@@ -1,6 +1,7 @@
-"""`make demo` end to end at the smallest settings: every stage runs, the report carries both branches' measured
-metrics and its figures, and a second run reuses what the first one finished. The first run is the command `make demo`
-runs (`python -m lpl_jax.demo`), the second the library call (`lpl_jax.workflows.miniature.run`)."""
+"""`make demo` end to end at the smallest settings: every stage runs, the report leads with the paired comparison of
+the two branches over two seeds and carries its figures, and a second run reuses what the first one finished. The
+first run is the command `make demo` runs (`python -m lpl_jax.demo`), the second the library call
+(`lpl_jax.workflows.miniature.run`)."""
 
 import json
 import os
@@ -38,28 +39,40 @@ def test_demo_quick_writes_the_report(tmp_path, capsys, compilation_cache):
   assert f'report: {path}' in proc.stdout
   text = open(path).read()
   for figure in (
+    'fidelity_difference.png',
+    'fidelity.png',
+    'metrics_per_seed.png',
     'samples.png',
     'loss_curves.png',
-    'spectrum_lpl_vs_baseline.png',
-    'spectrum_lpl_vs_real.png',
     'decoder_features_outliers.png',
   ):
     assert f'figures/{figure}' in text and os.path.getsize(tmp_path / 'figures' / figure) > 1000, figure
-  measured = json.load(open(tmp_path / 'metrics.json'))['metrics']
-  for branch in ('baseline', 'LPL'):
-    assert set(measured[branch]) == {'frechet_small_domain', 'precision', 'recall', 'density', 'coverage'}
-    row = re.search(r'\| Frechet distance.*\| ([0-9.]+) \| ([0-9.]+) \|', text)
-    assert row and float(row.group(1)) == pytest.approx(measured['baseline']['frechet_small_domain'], abs=1e-3)
+  # The report leads with the paired differences, the fidelity curve first, then the sample-set metrics.
+  assert text.index('## Paired differences') < text.index('x0-hat fidelity') < text.index('Sample-set metrics')
+  assert text.index('## Setup') < text.index('## Paired differences') < text.index('## Time')
   assert 'NOT Inception-FID' in text
-  # The LPL branch trained with LPL, the baseline without.
-  lpl_rows = [json.loads(line).get('lpl/rows', 0) for line in open(tmp_path / 'post_lpl' / 'metrics.jsonl')]
-  assert max(lpl_rows) > 0
-  assert all('loss/lpl' not in json.loads(line) for line in open(tmp_path / 'post_baseline' / 'metrics.jsonl'))
-  # A second run recomputes only samples, metrics and the report: nothing trained is written again.
-  trained = [tmp_path / 'latents' / 'index.json'] + [
-    p for p in tmp_path.glob('**/*') if p.is_file() and ('checkpoints' in p.parts or 'export' in p.parts)
+  summary = json.load(open(tmp_path / 'results.json'))['summary']
+  assert summary['seeds'] == [0, 1] and list(summary['variants']) == ['baseline', 'lpl']
+  fd = summary['variants']['lpl']['metrics']['fd_small_domain']
+  assert len(fd['values']) == 2 and 'p_value' in fd['difference']
+  row = re.search(r'\| Frechet distance[^|]*\| ([0-9.]+) \[', text)
+  assert row and float(row.group(1)) == pytest.approx(
+    summary['variants']['baseline']['metrics']['fd_small_domain']['interval']['mean'], abs=1e-3
+  )
+  # Each LPL run trained with LPL, each baseline without.
+  for seed in (0, 1):
+    lpl = [json.loads(line) for line in open(tmp_path / 'runs' / 'lpl' / f'seed_{seed}' / 'metrics.jsonl')]
+    assert max(r.get('lpl/rows', 0) for r in lpl) > 0
+    base = tmp_path / 'runs' / 'baseline' / f'seed_{seed}' / 'metrics.jsonl'
+    assert all('loss/lpl' not in json.loads(line) for line in open(base))
+  # A second run trains and evaluates nothing again: it only writes the report.
+  kept = [tmp_path / 'latents' / 'index.json'] + [
+    p
+    for p in tmp_path.glob('**/*')
+    if p.is_file() and ('checkpoints' in p.parts or 'export' in p.parts or p.name in ('result.json', 'samples.npz'))
   ]
-  before = {p: p.stat().st_mtime_ns for p in trained}
+  before = {p: p.stat().st_mtime_ns for p in kept}
   assert _run(tmp_path) == path
-  assert f'report: {path}' in capsys.readouterr().out
-  assert {p: p.stat().st_mtime_ns for p in trained} == before
+  out = capsys.readouterr().out
+  assert f'report: {path}' in out and out.count('done earlier') == 4
+  assert {p: p.stat().st_mtime_ns for p in kept} == before

@@ -39,7 +39,7 @@ from lpl_jax import data as data_lib
 from lpl_jax.eval import reference as ref_lib
 from lpl_jax.eval import stats
 from lpl_jax.train import build, evaluation, fidelity, loop
-from lpl_jax.train.config import Experiment
+from lpl_jax.train.config import Experiment, load_run
 from lpl_jax.train.errors import ConfigError
 from lpl_jax.workflows import compare_report
 
@@ -311,6 +311,28 @@ def _lpl_threshold(run: Any) -> float | None:
   return float(lpl_lib.noise_level_threshold(cfg.lpl, run.exp.data.resolution, cfg.formulation))
 
 
+def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, Mapping) else {f'{prefix}{k}': v})
+  return out
+
+
+def check_same_run(workdir: str, name: str, exp: Experiment) -> None:
+  """A run already in `workdir` must be the one `exp` describes: reusing it under a changed variant definition would
+  report the old runs as the new variant."""
+  if not os.path.isfile(os.path.join(workdir, 'config.json')):
+    return
+  old, new = _flat(load_run(workdir).to_dict()), _flat(exp.to_dict())
+  changed = sorted(k for k in set(old) | set(new) if k != 'progress' and old.get(k) != new.get(k))
+  if changed:
+    shown = ', '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in changed[:6])
+    raise ConfigError(
+      f'{workdir} was trained as variant {name!r} with another config ({shown}); give the changed variant another '
+      'name or the comparison another workdir.'
+    )
+
+
 def run_dir(workdir: str, name: str, seed: int) -> str:
   return os.path.join(workdir, 'runs', name, f'seed_{seed}')
 
@@ -343,6 +365,7 @@ def run(
     for name in names:
       exp = run_experiment(experiments[name], seed)
       wd = run_dir(workdir, name, seed)
+      check_same_run(wd, name, exp)
       path = os.path.join(wd, RESULT_FILE)
       if os.path.isfile(path) and _finished(wd, exp.total_steps):
         results[name][seed] = json.load(open(path))

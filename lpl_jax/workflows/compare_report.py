@@ -48,8 +48,9 @@ def _interval(entry: Mapping[str, Any], digits: int = 3) -> str:
 
 
 def _p(d: Mapping[str, Any]) -> str:
+  """`p = 0.023`, `p < 0.001` or `p n/a`."""
   p = d['p_value']
-  return 'n/a' if not np.isfinite(p) else ('< 0.001' if p < 1e-3 else f'{p:.3f}')
+  return 'p n/a' if not np.isfinite(p) else ('p < 0.001' if p < 1e-3 else f'p = {p:.3f}')
 
 
 def sentence(label: str, variant: str, base: str, d: Mapping[str, Any], lower_is_better: bool, level: float) -> str:
@@ -58,7 +59,7 @@ def sentence(label: str, variant: str, base: str, d: Mapping[str, Any], lower_is
   pct = f'{100 * level:.0f}%'
   head = (
     f'{label}: {variant} minus {base} = {_fmt(i["mean"])} ({pct} interval {_fmt(i["low"])} to {_fmt(i["high"])}, '
-    f'paired t-test p = {_p(d)}, {i["n"]} seeds)'
+    f'paired t-test {_p(d)}, {i["n"]} seeds)'
   )
   if not d['distinguishable']:
     return f'{head}: not distinguishable from zero at {pct}.'
@@ -131,7 +132,7 @@ def lines(summary: Mapping[str, Any]) -> list[str]:
   for key in metrics:
     cells = [_interval(summary['variants'][n]['metrics'][key]) for n in summary['variants']]
     diffs = [summary['variants'][n]['metrics'][key]['difference'] for n in variants]
-    cells += [f'{_interval(d)}, p {_p(d)}' for d in diffs]
+    cells += [f'{_interval(d)}, {_p(d)}' for d in diffs]
     out.append(f'| {SAMPLE_METRICS.get(key, (key,))[0]} | ' + ' | '.join(cells) + ' |')
   out += ['', f'Cells: mean [{pct} interval] over seeds.', '', '## Per seed', '']
   out += _per_seed_table(summary, metrics)

@@ -3,22 +3,23 @@
 
   1. a small KL autoencoder trained on the photographs (cached after the first run),
   2. the photographs' latents encoded once into a latent cache,
-  3. a small DiT pre-trained with DDPM-eps,
-  4. two post-training branches from that checkpoint, the same steps and seeds, one with LPL and one without,
-  5. samples from both (DDIM, EMA params),
-  6. metrics for both against real crops: a Frechet distance on small-domain features (NOT Inception-FID),
-     precision/recall (k=3), density/coverage (k=5), and the power-spectrum difference,
-  7. `report.md` in the workdir with the table and the figures.
+  3. reference statistics of real crops on the features of a small classifier trained on the photographs (NOT
+     Inception-FID),
+  4. a small DiT pre-trained with DDPM-eps,
+  5. a paired comparison (`workflows.compare`): N seeds of post-training from that checkpoint without and with LPL,
+     each run evaluated (samples of the EMA params: Frechet distance with its bootstrap, precision/recall,
+     density/coverage; the x0-hat fidelity curve on held-out crops), the paired differences with their intervals,
+  6. `report.md` in the workdir: the paired differences first, then the values per seed, the figures, the decoder's
+     feature maps and outlier masks, and the time of each stage.
 
-Every stage skips what an earlier run already finished (the autoencoder, the cache, checkpoints at their final
-step), so a second `make demo` only recomputes the report. Whatever the numbers say is reported as measured: at
-this scale they are noisy, see docs/demo.md.
+Every stage skips what an earlier run already finished (the autoencoder, the cache, the reference, finished and
+evaluated runs), so a second `make demo` only writes the report again, and a stopped one continues. Whatever the
+numbers say is reported as measured, with its interval; docs/demo.md says what was found at this scale.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -26,13 +27,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from lpl_jax import data as data_lib
-from lpl_jax import eval as eval_lib
 from lpl_jax import lpl as lpl_lib
 from lpl_jax.autoencoder import from_diffusers
 from lpl_jax.eval import report, small_domain
-from lpl_jax.train import build, loop
+from lpl_jax.train import loop, references
 from lpl_jax.train.autoencoder import ensure_autoencoder, read_training_info
 from lpl_jax.train.config import Experiment
+from lpl_jax.workflows import compare
 
 RESOLUTION = 32
 
@@ -45,14 +46,27 @@ class DemoSettings:
   ae_widths: tuple[int, ...] = (32, 64, 128)  # f4: 8x8x4 latents at 32 px
   cache_samples: int = 4096
   pretrain_steps: int = 4000
-  post_steps: int = 600
-  num_samples: int = 512
+  post_steps: int = 400  # configs/demo_cpu.py's post-training EMA half-lives are fractions of 400 steps
+  seeds: int = 3
+  num_samples: int = 1024  # per run, for the sample-set metrics (512 left the Frechet distance too noisy: docs/demo.md)
+  reference_images: int = 4096
+  fidelity_images: int = 128
   extractor_steps: int = 300
   seed: int = 0
 
   @classmethod
   def quick(cls) -> DemoSettings:
-    return cls(ae_steps=30, cache_samples=64, pretrain_steps=6, post_steps=4, num_samples=32, extractor_steps=10)
+    return cls(
+      ae_steps=30,
+      cache_samples=64,
+      pretrain_steps=6,
+      post_steps=4,
+      seeds=2,
+      num_samples=32,
+      reference_images=64,
+      fidelity_images=8,
+      extractor_steps=10,
+    )
 
 
 def _stage(name: str):
@@ -67,6 +81,7 @@ def _done(t0: float) -> float:
 
 
 VARIANTS = ('pretrain', 'post', 'post,lpl')  # the experiments `run` needs, by configs/demo_cpu.py's variant
+BRANCHES = {'baseline': 'post', 'lpl': 'post,lpl'}  # the comparison's variants: its baseline first
 
 
 def run(workdir: str, experiments: Mapping[str, Experiment], s: DemoSettings = DemoSettings()) -> str:
@@ -74,7 +89,7 @@ def run(workdir: str, experiments: Mapping[str, Experiment], s: DemoSettings = D
 
   Args:
     experiments: the pre-training and the two post-training experiments (`VARIANTS`: `configs/demo_cpu.py`'s);
-      the stages set their autoencoder, data, steps and seed.
+      the stages set their autoencoder, data, steps, evaluation and seed.
   """
   os.makedirs(workdir, exist_ok=True)
   times = {}
@@ -87,6 +102,10 @@ def run(workdir: str, experiments: Mapping[str, Experiment], s: DemoSettings = D
   cache = cache_stage(os.path.join(workdir, 'latents'), ae_folder, s)
   times['cache'] = _done(t0)
 
+  t0 = _stage('3. reference statistics of real crops (small-domain features: NOT Inception-FID)')
+  reference = reference_stage(workdir, s)
+  times['reference'] = _done(t0)
+
   def config(variant, steps):
     return experiments[variant].replace(
       total_steps=steps,
@@ -94,40 +113,39 @@ def run(workdir: str, experiments: Mapping[str, Experiment], s: DemoSettings = D
       progress=True,
       data={'source': f'cache:{cache}'},
       autoencoder={'weights': ae_folder, 'allow_random_weights': False},
-      lpl={'num_blocks': len(s.ae_widths)},
-    )  # every decoder block (the paper's 4 blocks of an SD decoder)
+      lpl={'num_blocks': len(s.ae_widths)},  # every decoder block (the paper's 4 blocks of an SD decoder)
+      eval={'reference': reference, 'features': 'small_domain', 'num_images': s.num_samples, 'batch_size': 64},
+    )
 
-  t0 = _stage(f'3. pre-training a DiT, DDPM-eps, {s.pretrain_steps} steps')
+  t0 = _stage(f'4. pre-training a DiT, DDPM-eps, {s.pretrain_steps} steps')
   pre = os.path.join(workdir, 'pretrain')
   loop.train_and_evaluate(config('pretrain', s.pretrain_steps), pre)
   times['pretrain'] = _done(t0)
 
-  branches = {'baseline': 'post', 'LPL': 'post,lpl'}
-  workdirs = {}
-  for name, variant in branches.items():
-    t0 = _stage(f'4. post-training, {name}: {s.post_steps} steps from the pre-training checkpoint')
-    workdirs[name] = os.path.join(workdir, f'post_{name.lower()}')
-    loop.train_and_evaluate(config(variant, s.post_steps).replace(init={'checkpoint': pre}), workdirs[name])
-    times[f'post {name}'] = _done(t0)
+  t0 = _stage(f'5. paired comparison: {s.seeds} seeds x {list(BRANCHES)}, {s.post_steps} post-training steps each')
+  branches = {
+    name: config(variant, s.post_steps).replace(init={'checkpoint': pre}) for name, variant in BRANCHES.items()
+  }
+  settings = compare.CompareSettings(
+    seeds=s.seeds, first_seed=s.seed, fidelity_source='embedded', fidelity_images=s.fidelity_images
+  )
+  path = compare.run(
+    workdir,
+    branches,
+    settings,
+    title='LPL vs baseline in miniature',
+    preface=preface_lines(s, ae_folder, info, branches),
+  )
+  if path is None:
+    raise RuntimeError('a post-training run was stopped (SIGTERM): run the demo again to continue.')
+  times['comparison'] = _done(t0)
 
-  t0 = _stage(f'5. {s.num_samples} samples from each branch (DDIM, EMA)')
-  samples = {}
-  for name, variant in branches.items():
-    samples[name], _, _ = build.samples_from_run(
-      config(variant, s.post_steps), workdirs[name], num=s.num_samples, batch_size=64, seed=s.seed + 1
-    )
-  real = real_images(s.num_samples, s.seed + 2)
-  times['sampling'] = _done(t0)
-
-  t0 = _stage('6. metrics against real crops (small-domain features: NOT Inception-FID)')
-  ext_params = extractor_stage(os.path.join(workdir, 'small_domain_extractor.npz'), s)
-  metrics = {name: image_metrics(ext_params, real, images) for name, images in samples.items()}
-  spectra = {name: eval_lib.radial_power_spectrum(x) for name, x in dict(real=real, **samples).items()}
-  times['metrics'] = _done(t0)
-
-  t0 = _stage('7. report')
-  path = write_report(workdir, s, ae_folder, info, samples, real, metrics, spectra, workdirs, times)
-  _done(t0)
+  t0 = _stage('6. figures of the decoder and the runs of the first seed')
+  appendix = write_figures(workdir, s, ae_folder)
+  times['figures'] = _done(t0)
+  with open(path, 'a') as f:
+    f.write('\n'.join(appendix + ['', '## Time', '', '| stage | seconds |', '|---|---|']))
+    f.write('\n' + '\n'.join(f'| {k} | {v:.0f} |' for k, v in times.items()) + '\n')
   print(f'\nreport: {path}')
   return path
 
@@ -160,144 +178,82 @@ def cache_stage(cache: str, ae_folder: str, s: DemoSettings) -> str:
   return cache
 
 
-def extractor_stage(path: str, s: DemoSettings):
-  """The small-domain feature extractor's params, trained once and kept at `path`."""
-  if os.path.isfile(path):
-    return small_domain.load_params(path)
-  params, _ = small_domain.train_small_domain_extractor(steps=s.extractor_steps, seed=s.seed, path=path)
-  return params
-
-
-def real_images(num: int, seed: int) -> np.ndarray:
-  """Real crops the way training saw them: uint8 `[num, 32, 32, 3]`."""
-  source = data_lib.make_source('embedded', num_samples=max(num, 64))
-  pipeline = data_lib.make_image_pipeline(
-    source, resolution=RESOLUTION, global_batch=num, seed=seed, random_crop=True, process_index=0, process_count=1
-  )
-  images = next(iter(pipeline))['images']
-  return np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
-
-
-def image_metrics(ext_params, real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
-  feats = [
-    eval_lib.extract_features(x, small_domain.small_domain_features, 64, params=ext_params, progress=False)
-    for x in (real, fake)
-  ]
-  out = {
-    'frechet_small_domain': eval_lib.frechet_distance(
-      *eval_lib.feature_statistics(feats[0]), *eval_lib.feature_statistics(feats[1])
+def reference_stage(workdir: str, s: DemoSettings) -> str:
+  """The reference file of real crops (`lpl_jax.evaluate --write_reference`'s), with the small-domain extractor
+  trained once on the photographs; written once."""
+  path = os.path.join(workdir, 'reference_small_domain.npz')
+  if not os.path.isfile(path):
+    ext = os.path.join(workdir, 'small_domain_extractor.npz')
+    if os.path.isfile(ext):
+      params = small_domain.load_params(ext)
+    else:
+      params, _ = small_domain.train_small_domain_extractor(steps=s.extractor_steps, seed=s.seed, path=ext)
+    references.write_reference(
+      path,
+      source='embedded',
+      resolution=RESOLUTION,
+      features='small_domain',
+      num_images=s.reference_images,
+      small_domain_params=params,
+      seed=s.seed + 2,
+      progress=False,
     )
-  }
-  pr = eval_lib.prdc(feats[0], feats[1], nearest_k=eval_lib.PR_NEAREST_K)
-  dc = eval_lib.prdc(feats[0], feats[1], nearest_k=eval_lib.DC_NEAREST_K)
-  out.update(precision=pr['precision'], recall=pr['recall'], density=dc['density'], coverage=dc['coverage'])
-  return {k: float(v) for k, v in out.items()}
-
-
-def write_report(workdir, s, ae_folder, ae_info, samples, real, metrics, spectra, workdirs, times) -> str:
-  """`<workdir>/report.md` with its figures in `<workdir>/figures/`, and `<workdir>/metrics.json`."""
-  write_figures(os.path.join(workdir, 'figures'), s, ae_folder, samples, real, spectra, workdirs)
-  spec_err = {
-    n: float(np.mean(np.abs(eval_lib.log_spectrum_difference(spectra[n], spectra['real']))))
-    for n in ('baseline', 'LPL')
-  }
-  path = os.path.join(workdir, 'report.md')
-  with open(path, 'w') as f:
-    f.write('\n'.join(report_lines(s, ae_folder, ae_info, metrics, spec_err, times)) + '\n')
-  with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
-    json.dump({'metrics': metrics, 'spectrum_error': spec_err, 'seconds': times}, f, indent=2)
   return path
 
 
-def write_figures(figs, s, ae_folder, samples, real, spectra, workdirs) -> None:
-  """Sample grids side by side, loss curves, power-spectrum differences, and the decoder's feature maps of a real
-  crop with the outlier masks LPL would apply to them."""
+def write_figures(workdir: str, s: DemoSettings, ae_folder: str) -> list[str]:
+  """Loss curves of the first seed's runs and the decoder's feature maps of a real crop with the outlier masks LPL
+  would apply to them; returns the report's lines for them."""
+  figs = os.path.join(workdir, 'figures')
   os.makedirs(figs, exist_ok=True)
-  report.side_by_side(
-    {'real crops': real[:16], 'baseline (no LPL)': samples['baseline'][:16], 'with LPL': samples['LPL'][:16]},
-    os.path.join(figs, 'samples.png'),
-  )
   report.loss_curves_figure(
-    {n: os.path.join(w, 'metrics.jsonl') for n, w in workdirs.items()}, os.path.join(figs, 'loss_curves.png')
-  )
-  eval_lib.plot_spectrum_difference(
-    spectra['LPL'], spectra['baseline'], ('with LPL', 'baseline'), os.path.join(figs, 'spectrum_lpl_vs_baseline.png')
-  )
-  eval_lib.plot_spectrum_difference(
-    spectra['LPL'], spectra['real'], ('with LPL', 'real'), os.path.join(figs, 'spectrum_lpl_vs_real.png')
-  )
-  eval_lib.plot_spectrum_difference(
-    spectra['baseline'], spectra['real'], ('baseline', 'real'), os.path.join(figs, 'spectrum_baseline_vs_real.png')
+    {n: os.path.join(compare.run_dir(workdir, n, s.seed), 'metrics.jsonl') for n in BRANCHES},
+    os.path.join(figs, 'loss_curves.png'),
   )
   model, params = from_diffusers(ae_folder)
-  x = real[:1].astype(np.float32) / 127.5 - 1
+  crops, _ = references.read_images('embedded', resolution=RESOLUTION, num_images=1, seed=s.seed + 3)
+  x = next(crops).astype(np.float32) / 127.5 - 1
   mean, _ = model.apply({'params': params}, x, method=model.encode)
   lcfg = lpl_lib.LPLConfig.from_preset('paper', num_blocks=len(s.ae_widths))
   taps = report.features_and_masks(model, params, model.scale_latents(mean), lcfg)
   report.feature_mask_figure(taps, os.path.join(figs, 'decoder_features_outliers.png'), image=x[0])
-
-
-def report_lines(s, ae_folder, ae_info, metrics, spec_err, times) -> list[str]:
-  """The markdown of the report: setup, the metrics of both branches, the figures, the time of each stage."""
-  rows = [
-    ('Frechet distance, small-domain features (lower is better; NOT Inception-FID)', 'frechet_small_domain', '{:.3f}'),
-    ('precision (k=3)', 'precision', '{:.3f}'),
-    ('recall (k=3)', 'recall', '{:.3f}'),
-    ('density (k=5)', 'density', '{:.3f}'),
-    ('coverage (k=5)', 'coverage', '{:.3f}'),
-  ]
-  lines = [
-    '# LPL vs baseline in miniature',
+  return [
+    "## The demo's decoder and training curves",
     '',
+    f'Loss curves of the seed-{s.seed} runs:',
+    '',
+    '![loss curves](figures/loss_curves.png)',
+    '',
+    "Decoder feature maps of a real crop and their outlier masks (Algorithm 1; the paper's Figure 13):",
+    '',
+    '![decoder features](figures/decoder_features_outliers.png)',
+    '',
+  ]
+
+
+def preface_lines(s: DemoSettings, ae_folder: str, ae_info: Mapping, branches: Mapping[str, Experiment]) -> list[str]:
+  """The report's opening: what ran (the settings as the runs used them)."""
+  base, lpl = branches['baseline'], branches['lpl']
+  return [
     "The paper's experiment (Berrada et al., ICLR 2025, section 4) at toy scale on the photographs that ship with "
-    'scikit-image, on a CPU. Numbers are as measured in this run; at this scale differences between the branches '
-    'are within run-to-run noise unless they are large (docs/demo.md).',
+    f'scikit-image, on a CPU: {s.seeds} post-training runs per branch, paired by seed. docs/demo.md says what this '
+    'scale can and cannot show.',
     '',
     '## Setup',
     '',
     f'- autoencoder: KL, widths {list(s.ae_widths)}, trained {s.ae_steps} steps on {RESOLUTION} px crops; '
     f'held-out PSNR {ae_info.get("heldout_psnr", float("nan")):.2f} dB; `{ae_folder}`',
     f'- latent cache: {s.cache_samples} random crops (posterior mean and std)',
-    f'- denoiser: DiT (width 128, depth 4, patch 2), DDPM-eps; pre-training {s.pretrain_steps} steps, then '
-    f'{s.post_steps} post-training steps per branch from the same checkpoint with the same seeds',
-    '- LPL branch: w_lpl 3, the paper preset, tau scaled to 32 px; EMA 0.995 with LPL, 0.998 without (the '
-    "paper's ratio of half-lives)",
-    f'- sampling: DDIM 25 steps, CFG 1.5, EMA params, {s.num_samples} samples per branch',
+    f'- denoiser: DiT (width {base.model.hidden_size}, depth {base.model.depth}, patch {base.model.patch_size}), '
+    f'DDPM-eps; pre-training {s.pretrain_steps} steps, then {s.post_steps} post-training steps per run from that '
+    'checkpoint',
+    f'- LPL branch: the {lpl.lpl.preset} preset, weight {lpl.lpl.weight if lpl.lpl.weight >= 0 else "of the preset"}, '
+    f'tau scaled to {RESOLUTION} px; both branches draw the same stratified timesteps',
+    f'- EMA decay {base.optim.ema_decay} (baseline) and {lpl.optim.ema_decay} (LPL), from the pre-training EMA, no '
+    'warmup',
+    f'- evaluation: {s.num_samples} samples per run (DDIM {base.sample.steps} steps, CFG {base.sample.guidance}, EMA '
+    f'params) against {s.reference_images} real crops, on the features of a small classifier trained on the '
+    'photographs (NOT Inception-FID); the fidelity curve on '
+    f'{s.fidelity_images} held-out crops',
     '',
-    '## Metrics',
-    '',
-    '| metric | baseline | with LPL |',
-    '|---|---|---|',
   ]
-  for label, key, fmt in rows:
-    lines.append(f'| {label} | {fmt.format(metrics["baseline"][key])} | {fmt.format(metrics["LPL"][key])} |')
-  lines.append(
-    f'| mean abs log10 power-spectrum difference to real crops | {spec_err["baseline"]:.4f} | {spec_err["LPL"]:.4f} |'
-  )
-  lines += [
-    '',
-    '## Figures',
-    '',
-    '![samples](figures/samples.png)',
-    '',
-    'Loss curves of the two post-training branches:',
-    '',
-    '![loss curves](figures/loss_curves.png)',
-    '',
-    "Power spectra (the paper's Figures 4-5):",
-    '',
-    '![LPL vs baseline](figures/spectrum_lpl_vs_baseline.png)',
-    '![LPL vs real](figures/spectrum_lpl_vs_real.png)',
-    '![baseline vs real](figures/spectrum_baseline_vs_real.png)',
-    '',
-    "Decoder feature maps of a real crop and their outlier masks (Algorithm 1; the paper's Figure 13):",
-    '',
-    '![decoder features](figures/decoder_features_outliers.png)',
-    '',
-    '## Time',
-    '',
-    '| stage | seconds |',
-    '|---|---|',
-  ]
-  lines += [f'| {k} | {v:.0f} |' for k, v in times.items()]
-  return lines
