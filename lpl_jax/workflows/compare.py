@@ -52,6 +52,20 @@ SAMPLES_FILE = 'samples.npz'
 # grammar: the paper's LPL post-training recipe of that config, its EMA decay included).
 PREDEFINED = {'baseline': '', 'lpl': 'lpl'}
 _NAME = re.compile(r'^[A-Za-z0-9_\-]+$')
+# Fields that do not change what a run trains (how it logs, saves, samples grids and evaluates inside the loop): a run
+# launched by hand with other values of these is still the variant's run.
+NOT_TRAINING = (
+  'progress',
+  'log_every',
+  'checkpoint_every',
+  'keep_checkpoints',
+  'num_sample_images',
+  'sample_every',
+  'eval.every',
+  'eval.keep_best',
+  'profile.',
+  'guard.',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,7 +338,7 @@ def check_same_run(workdir: str, name: str, exp: Experiment) -> None:
   if not os.path.isfile(os.path.join(workdir, 'config.json')):
     return
   old, new = _flat(load_run(workdir).to_dict()), _flat(exp.to_dict())
-  changed = sorted(k for k in set(old) | set(new) if k != 'progress' and old.get(k) != new.get(k))
+  changed = sorted(k for k in set(old) | set(new) if not k.startswith(NOT_TRAINING) and old.get(k) != new.get(k))
   if changed:
     shown = ', '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in changed[:6])
     raise ConfigError(

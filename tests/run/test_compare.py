@@ -218,3 +218,16 @@ def test_a_stopped_comparison_continues_and_reports_paired_statistics(tmp_path, 
   assert text.count('distinguishable from zero at 95%') >= 5 + 4  # a sentence per sample metric and curve metric
   for figure in ('fidelity.png', 'fidelity_difference.png', 'metrics_per_seed.png', 'samples.png'):
     assert f'figures/{figure}' in text and os.path.getsize(out / 'figures' / figure) > 1000
+
+
+def test_a_run_of_another_variant_definition_is_not_reused(tmp_path):
+  exps = _experiments('baseline,lpl,lpl_tau2=lpl+lpl.tau=2')
+  ran = compare.run_experiment(exps['lpl'], 0)
+  (tmp_path / 'config.json').write_text(ran.to_json())
+  compare.check_same_run(str(tmp_path), 'lpl', ran)
+  compare.check_same_run(str(tmp_path), 'lpl', ran.replace(log_every=7, eval={'every': 5}))  # not training fields
+  with pytest.raises(ConfigError, match=r"trained as variant 'lpl' with another config \(lpl.tau -1.0 -> 2.0\)"):
+    compare.check_same_run(str(tmp_path), 'lpl', compare.run_experiment(exps['lpl_tau2'], 0))
+  with pytest.raises(ConfigError, match=r'\(seed 0 -> 1\)'):
+    compare.check_same_run(str(tmp_path), 'lpl', compare.run_experiment(exps['lpl'], 1))
+  compare.check_same_run(str(tmp_path / 'missing'), 'lpl', ran)  # nothing trained there yet
