@@ -270,7 +270,12 @@ def _finished(workdir: str, total_steps: int) -> bool:
 
 
 def evaluate_run(
-  exp: Experiment, workdir: str, real: Mapping[str, np.ndarray], settings: CompareSettings
+  exp: Experiment,
+  workdir: str,
+  real: Mapping[str, np.ndarray],
+  settings: CompareSettings,
+  *,
+  train_seconds: float = 0.0,
 ) -> dict[str, Any]:
   """Evaluates the finished run in `workdir`: sample metrics with the Frechet distance's bootstrap, and the x0-hat
   fidelity curve, both of its EMA params. Writes `result.json` and `samples.npz` there and returns the result."""
@@ -306,6 +311,7 @@ def evaluate_run(
     'fidelity': curve.to_json(),
     'lpl_threshold': _lpl_threshold(run),
     'seconds': time.perf_counter() - t0,
+    'train_seconds': train_seconds,  # of this call's training (0: trained before)
   }
   np.savez(os.path.join(workdir, SAMPLES_FILE), images=images[: settings.grid_images])
   tmp = os.path.join(workdir, f'.{RESULT_FILE}.tmp')
@@ -392,9 +398,7 @@ def run(
         if not outcome.finished:  # preempted (SIGTERM) after a checkpoint
           print(f'   {wd} stopped at step {outcome.step}: run the comparison again to continue.', flush=True)
           return None
-      trained = time.perf_counter() - t0
-      results[name][seed] = evaluate_run(exp, wd, real, settings)
-      results[name][seed]['train_seconds'] = trained
+      results[name][seed] = evaluate_run(exp, wd, real, settings, train_seconds=time.perf_counter() - t0)
       m = results[name][seed]['metrics']
       print(f'   {name}, seed {seed}: ' + ', '.join(f'{k} {v:.4g}' for k, v in m.items()), flush=True)
       if on_run is not None:
