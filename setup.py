@@ -18,6 +18,7 @@ setuptools.setup(
         'tensorflow-datasets>=4.9.10',
         'chex>=0.1.92',
         'numpy>=2.0',
+        'scipy>=1.14',  # t quantiles of the comparison's intervals, the normal quantile of the timestep samplers
         'ml_dtypes>=0.6.0',
         'safetensors>=0.8.0',
         'pillow>=11.0',
