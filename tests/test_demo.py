@@ -49,7 +49,7 @@ def test_demo_quick_writes_the_report(tmp_path, capsys, compilation_cache):
     assert f'figures/{figure}' in text and os.path.getsize(tmp_path / 'figures' / figure) > 1000, figure
   # The report leads with the paired differences, the fidelity curve first, then the sample-set metrics.
   assert text.index('## Paired differences') < text.index('x0-hat fidelity') < text.index('Sample-set metrics')
-  assert text.index('## Setup') < text.index('## Paired differences') < text.index('## Time')
+  assert text.index('## Paired differences') < text.index('## Setup') < text.index('## Time')
   assert 'NOT Inception-FID' in text
   summary = json.load(open(tmp_path / 'results.json'))['summary']
   assert summary['seeds'] == [0, 1] and list(summary['variants']) == ['baseline', 'lpl']

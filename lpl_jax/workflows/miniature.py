@@ -134,14 +134,14 @@ def run(workdir: str, experiments: Mapping[str, Experiment], s: DemoSettings = D
     branches,
     settings,
     title='LPL vs baseline in miniature',
-    preface=preface_lines(s, ae_folder, info, branches),
+    preface=preface_lines(s),
   )
   if path is None:
     raise RuntimeError('a post-training run was stopped (SIGTERM): run the demo again to continue.')
   times['comparison'] = _done(t0)
 
   t0 = _stage('6. figures of the decoder and the runs of the first seed')
-  appendix = write_figures(workdir, s, ae_folder)
+  appendix = setup_lines(s, ae_folder, info, branches) + write_figures(workdir, s, ae_folder)
   times['figures'] = _done(t0)
   with open(path, 'a') as f:
     f.write('\n'.join(appendix + ['', '## Time', '', '| stage | seconds |', '|---|---|']))
@@ -231,14 +231,20 @@ def write_figures(workdir: str, s: DemoSettings, ae_folder: str) -> list[str]:
   ]
 
 
-def preface_lines(s: DemoSettings, ae_folder: str, ae_info: Mapping, branches: Mapping[str, Experiment]) -> list[str]:
-  """The report's opening: what ran (the settings as the runs used them)."""
-  base, lpl = branches['baseline'], branches['lpl']
+def preface_lines(s: DemoSettings) -> list[str]:
+  """The report's opening sentence; the paired differences follow it."""
   return [
     "The paper's experiment (Berrada et al., ICLR 2025, section 4) at toy scale on the photographs that ship with "
-    f'scikit-image, on a CPU: {s.seeds} post-training runs per branch, paired by seed. docs/demo.md says what this '
-    'scale can and cannot show.',
+    f'scikit-image, on a CPU: {s.seeds} post-training runs per branch, paired by seed; the setup is at the end. '
+    'docs/demo.md says what this scale can and cannot show.',
     '',
+  ]
+
+
+def setup_lines(s: DemoSettings, ae_folder: str, ae_info: Mapping, branches: Mapping[str, Experiment]) -> list[str]:
+  """What ran (the settings as the runs used them)."""
+  base, lpl = branches['baseline'], branches['lpl']
+  return [
     '## Setup',
     '',
     f'- autoencoder: KL, widths {list(s.ae_widths)}, trained {s.ae_steps} steps on {RESOLUTION} px crops; '
