@@ -6,6 +6,7 @@ grids)."""
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -268,7 +269,7 @@ def seeds_figure(summary: Mapping[str, Any], path: str) -> str:
           i + 0.15, iv['mean'], yerr=[[iv['mean'] - iv['low']], [iv['high'] - iv['mean']]], fmt='k_', capsize=3
         )
     ax.set_xticks(pos, names, fontsize=7)
-    ax.set_title(SAMPLE_METRICS.get(key, (key,))[0], fontsize=7)
+    ax.set_title(textwrap.fill(SAMPLE_METRICS.get(key, (key,))[0], 32), fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
