@@ -36,7 +36,7 @@ def test_variants_are_named_overrides_and_config_tokens():
   exps = _experiments('baseline,lpl,lpl_tau2=lpl+lpl.tau=2+optim.ema_decay=0.99,fast=optim.lr=1e-3')
   assert not exps['baseline'].lpl.enabled and exps['lpl'].lpl.enabled
   # `lpl` is the config file's own LPL recipe (its EMA decay included); overrides come after it, typed as the field.
-  assert exps['lpl'].optim.ema_decay == 0.995 and exps['baseline'].optim.ema_decay == 0.998
+  assert exps['lpl'].optim.ema_decay == 0.94 and exps['baseline'].optim.ema_decay == 0.975
   assert exps['lpl_tau2'].lpl.tau == 2.0 and isinstance(exps['lpl_tau2'].lpl.tau, float)
   assert exps['lpl_tau2'].optim.ema_decay == 0.99 and exps['fast'].optim.lr == 1e-3 and not exps['fast'].lpl.enabled
 
