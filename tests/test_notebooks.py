@@ -41,4 +41,7 @@ def test_experiment_notebook_runs(tmp_path, monkeypatch, compilation_cache_dir):
     'lpl_experiment.ipynb', tmp_path, monkeypatch, compilation_cache_dir, LPL_NOTEBOOK_WORKDIR=str(tmp_path / 'demo')
   )
   assert os.path.isfile(tmp_path / 'demo' / 'report.md')
-  assert '"frechet_small_domain"' in _text(nb)
+  text = _text(nb)
+  assert "baseline {'fd_small_domain'" in text and "lpl {'fd_small_domain'" in text
+  images = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs if 'image/png' in o.get('data', {})]
+  assert len(images) == 6
