@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ import jax
 import numpy as np
 
 from lpl_jax import data as data_lib
+from lpl_jax import lpl as lpl_lib
 from lpl_jax.eval import reference as ref_lib
 from lpl_jax.eval import stats
 from lpl_jax.train import build, evaluation, fidelity, loop
@@ -326,8 +328,6 @@ def _lpl_threshold(run: Any) -> float | None:
   cfg = run.step_cfg
   if cfg.lpl is None:
     return None
-  from lpl_jax import lpl as lpl_lib
-
   return float(lpl_lib.noise_level_threshold(cfg.lpl, run.exp.data.resolution, cfg.formulation))
 
 
@@ -481,8 +481,6 @@ def config_loader(spec: str, overrides: Mapping[str, Any] | None = None) -> Call
   """`load(tokens)`: the ConfigDict of the config file `spec` (`path.py[:arg]`) with the variant tokens appended to
   its argument (`path.py:post` + ('lpl',) -> `get_config('post,lpl')`), then `overrides` (dotted names: the command
   line's `--config.a.b=v`) set."""
-  import importlib.util
-
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise ConfigError(f'--config={spec!r}: no such config file {path!r}.')

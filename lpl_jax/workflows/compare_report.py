@@ -82,7 +82,7 @@ def write(
   figs = os.path.join(workdir, 'figures')
   os.makedirs(figs, exist_ok=True)
   fidelity_figure(summary, os.path.join(figs, 'fidelity.png'))
-  fidelity_difference_figure(summary, os.path.join(figs, 'fidelity_difference.png'))
+  fidelity_figure(summary, os.path.join(figs, 'fidelity_difference.png'), difference=True)
   seeds_figure(summary, os.path.join(figs, 'metrics_per_seed.png'))
   report.side_by_side(
     {'real images': real[:16], **{name: x[:16] for name, x in samples.items()}}, os.path.join(figs, 'samples.png')
@@ -208,42 +208,25 @@ def _axis(ax, summary: Mapping[str, Any]) -> None:
     ax.axvline(summary['lpl_threshold'], color='gray', linestyle=':', linewidth=1)
 
 
-def fidelity_figure(summary: Mapping[str, Any], path: str) -> str:
-  keys = [k for k in CURVE_METRICS if k in summary['variants'][summary['baseline']]['fidelity']]
-  x = np.asarray(summary['noise_levels'])
-  fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
-  for ax, key in zip(axes[0], keys, strict=True):
-    for name, entry in summary['variants'].items():
-      mean, low, high = (
-        np.asarray([e['interval'][k] for e in entry['fidelity'][key]]) for k in ('mean', 'low', 'high')
-      )
-      (line,) = ax.plot(x, mean, marker='o', markersize=3, label=name)
-      ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
-    if key in summary.get('ceiling', {}):
-      ax.axhline(summary['ceiling'][key], color='black', linestyle='--', linewidth=1, label='decode(z0)')
-    _axis(ax, summary)
-    ax.set_title(CURVE_METRICS[key][0], fontsize=8)
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
-
-
-def fidelity_difference_figure(summary: Mapping[str, Any], path: str) -> str:
+def fidelity_figure(summary: Mapping[str, Any], path: str, *, difference: bool = False) -> str:
+  """The fidelity curves, one panel per metric, each variant's mean with its band over seeds (dashed: the
+  reconstruction's value); `difference`: each variant's paired difference to the baseline instead (line at 0)."""
   base = summary['baseline']
   keys = [k for k in CURVE_METRICS if k in summary['variants'][base]['fidelity']]
   x = np.asarray(summary['noise_levels'])
   fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
   for ax, key in zip(axes[0], keys, strict=True):
     for name, entry in summary['variants'].items():
-      if name == base:
+      if difference and name == base:
         continue
-      diffs = [e['difference']['interval'] for e in entry['fidelity'][key]]
-      mean, low, high = (np.asarray([d[k] for d in diffs]) for k in ('mean', 'low', 'high'))
-      (line,) = ax.plot(x, mean, marker='o', markersize=3, label=f'{name} - {base}')
+      bands = [e['difference']['interval'] if difference else e['interval'] for e in entry['fidelity'][key]]
+      mean, low, high = (np.asarray([b[k] for b in bands]) for k in ('mean', 'low', 'high'))
+      (line,) = ax.plot(x, mean, marker='o', markersize=3, label=f'{name} - {base}' if difference else name)
       ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
-    ax.axhline(0.0, color='black', linewidth=1)
+    if difference:
+      ax.axhline(0.0, color='black', linewidth=1)
+    elif key in summary.get('ceiling', {}):
+      ax.axhline(summary['ceiling'][key], color='black', linestyle='--', linewidth=1, label='decode(z0)')
     _axis(ax, summary)
     ax.set_title(CURVE_METRICS[key][0], fontsize=8)
     ax.legend(fontsize=7)
