@@ -153,6 +153,9 @@ while :; do
   sync_log
   sleep "$BACKOFF" &
   SLEEPER=$!
+  # A stop that came after the check at the top of the loop and before SLEEPER= above (while the log was copied, say)
+  # found no sleep to cut short: its handler ran once that command ended.
+  ((!STOPPING)) || kill "$SLEEPER" 2>/dev/null || true
   wait "$SLEEPER" || true
   SLEEPER=''
 done

@@ -1,13 +1,13 @@
 """Fakes for the launch scripts: a `gcloud` that records its argv, and TPU VM workers on the local disk.
 
-The fake `gcloud` appends each call's argv (a JSON list, `gcloud` first) to `calls.jsonl`, prints a state for
-`describe` ($FAKE_TPU_STATE, default READY; $FAKE_QR_STATE for queued resources, default ACTIVE; the state
-NOT_FOUND fails as gcloud does for a missing resource, ERROR fails otherwise), prints $FAKE_STATUS_JSON for `storage
-cat` (fails when unset: no such object), exits $FAKE_CP_RC for `storage cp`, answers an ssh `--command` that runs
-`worker.sh status` with $FAKE_SSH_OUTPUT and exit status $FAKE_SSH_RC and, for `scp`, keeps a copy of the file it was
-asked to send. A fake worker is a home folder holding a copy of launch/ and a `.venv/bin/python` (a fake trainer)
-that records its argv, environment and pid: an ssh `--command` recorded by the fake gcloud runs there with `bash -c`,
-as the worker's login shell would run it.
+The fake `gcloud` appends each call's argv (a JSON list, `gcloud` first) to `calls.jsonl`, prints a state for `describe`
+($FAKE_TPU_STATE, default READY; $FAKE_QR_STATE for queued resources, default ACTIVE; the state NOT_FOUND fails as
+gcloud does for a missing resource, ERROR fails otherwise), prints $FAKE_STATUS_JSON for `storage cat` (fails when
+unset: no such object), exits $FAKE_CP_RC for `storage cp` after $FAKE_CP_SLEEP seconds (default 0), answers an ssh
+`--command` that runs `worker.sh status` with $FAKE_SSH_OUTPUT and exit status $FAKE_SSH_RC and, for `scp`, keeps a copy
+of the file it was asked to send. A fake worker is a home folder holding a copy of launch/ and a `.venv/bin/python` (a
+fake trainer) that records its argv, environment and pid: an ssh `--command` recorded by the fake gcloud runs there with
+`bash -c`, as the worker's login shell would run it.
 
 The fake trainer sleeps $FAKE_PYTHON_SLEEP seconds, then exits with $FAKE_EXITS (default 0); both may be lists, one
 value per start (`1,137,0`: the first start exits 1, the second is killed by SIGKILL, the third and later exit 0).
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / 'launch'
 
 FAKE_GCLOUD = f"""#!{sys.executable}
-import json, os, shutil, sys
+import json, os, shutil, sys, time
 log = os.environ['FAKE_GCLOUD_LOG']
 argv = ['gcloud'] + sys.argv[1:]
 with open(log, 'a') as f:
@@ -48,6 +48,7 @@ if argv[1:3] == ['storage', 'cat']:
     sys.exit('ERROR: (gcloud.storage.cat) The following URLs matched no objects or files: ' + argv[3])
   print(os.environ['FAKE_STATUS_JSON'])
 if argv[1:3] == ['storage', 'cp']:
+  time.sleep(float(os.environ.get('FAKE_CP_SLEEP', '0')))
   sys.exit(int(os.environ.get('FAKE_CP_RC', '0')))
 if 'ssh' in argv and 'worker.sh status' in argv[-1]:
   print(os.environ.get('FAKE_SSH_OUTPUT', ''))

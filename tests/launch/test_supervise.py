@@ -104,8 +104,10 @@ def test_stop_ends_a_supervised_run_without_a_restart(launch):
 
 
 def test_stop_during_the_backoff_ends_the_wait(launch):
+  """The stop lands while the log is being copied, after the restart is announced but before the backoff's sleep
+  starts: the sleep that follows must still be cut short."""
   worker = launch.worker(0)
-  train(worker, '--watch', FAKE_EXITS='1', LPL_RESTART_BACKOFF_S='60')
+  train(worker, '--watch', FAKE_EXITS='1', LPL_RESTART_BACKOFF_S='60', FAKE_CP_SLEEP='1')
   wait_until(lambda: 'restarting (1/100) in 60s' in worker.log(), 10, 'no restart announced')
   assert 'worker 0: running (pid ' in worker.worker_sh('status').stdout  # between two trainers
   started = time.monotonic()
