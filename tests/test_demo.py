@@ -1,7 +1,8 @@
 """`make demo` end to end at the smallest settings: every stage runs, the report leads with the paired comparison of
 the two branches over two seeds and carries its figures, and a second run reuses what the first one finished. The
 first run is the command `make demo` runs (`python -m lpl_jax.demo`), the second the library call
-(`lpl_jax.workflows.miniature.run`)."""
+(`lpl_jax.workflows.miniature.run`). The experiment notebook then runs on the same workdir: its cells reuse every stage
+the command finished and show the results."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 from configs import demo_cpu
 from lpl_jax.train.config import Experiment
 from lpl_jax.workflows import miniature
+from tests import test_notebooks as notebooks
 from tests.run import common
 
 
@@ -22,19 +24,28 @@ def _run(workdir):
   return miniature.run(str(workdir), experiments, miniature.DemoSettings.quick())
 
 
-@pytest.mark.slow
-def test_demo_quick_writes_the_report(tmp_path, capsys, compilation_cache):
-  # The session's compilation cache: the second run (in this process) loads what the first compiled, and the
-  # experiment notebook, the same pipeline, what both did.
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory, compilation_cache_dir):
+  """The workdir of one `python -m lpl_jax.demo --quick` run, and what the command printed.
+
+  It compiles through the session's compilation cache: the second run of the first test (in this process) loads what
+  it compiled, and so does the notebook's kernel."""
+  workdir = tmp_path_factory.mktemp('demo')
   proc = subprocess.run(
-    [sys.executable, '-m', 'lpl_jax.demo', f'--workdir={tmp_path}', '--quick'],
+    [sys.executable, '-m', 'lpl_jax.demo', f'--workdir={workdir}', '--quick'],
     cwd=common.ROOT,
-    env=common.cli_env(compilation_cache),
+    env=common.cli_env(compilation_cache_dir),
     capture_output=True,
     text=True,
     timeout=1800,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_the_report(demo, capsys, compilation_cache):
+  tmp_path, proc = demo
   path = str(tmp_path / 'report.md')
   assert f'report: {path}' in proc.stdout
   text = open(path).read()
@@ -76,3 +87,18 @@ def test_demo_quick_writes_the_report(tmp_path, capsys, compilation_cache):
   out = capsys.readouterr().out
   assert f'report: {path}' in out and out.count('done earlier') == 4
   assert {p: p.stat().st_mtime_ns for p in kept} == before
+
+
+@pytest.mark.slow
+def test_experiment_notebook_shows_the_demo_results(demo, tmp_path, monkeypatch, compilation_cache_dir):
+  workdir, _ = demo
+  nb = notebooks.execute(
+    'lpl_experiment.ipynb', tmp_path, monkeypatch, compilation_cache_dir, LPL_NOTEBOOK_WORKDIR=str(workdir)
+  )
+  text = notebooks.printed(nb)
+  # Its settings are the demo's: every stage is reused, none is trained or evaluated again.
+  assert text.count('done earlier') == 4, text[-3000:]
+  assert "baseline {'fd_small_domain'" in text and "lpl {'fd_small_domain'" in text
+  outputs = [o.get('data', {}) for c in nb.cells if c.cell_type == 'code' for o in c.outputs]
+  assert sum('image/png' in o for o in outputs) == 6
+  assert any('## Paired differences' in o.get('text/markdown', '') for o in outputs)

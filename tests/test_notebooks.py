@@ -1,4 +1,5 @@
-"""The Colab notebooks run top to bottom (small settings) on the CPU."""
+"""The Colab notebooks run top to bottom (small settings) on the CPU. The experiment notebook runs in
+tests/test_demo.py, on the workdir of the quick demo run there (the same pipeline, run once per session)."""
 
 import os
 
@@ -11,7 +12,8 @@ from tests.run import common
 ROOT = common.ROOT
 
 
-def _execute(name, tmp_path, monkeypatch, cache, **env):
+def execute(name, tmp_path, monkeypatch, cache, **env):
+  """Runs notebooks/NAME in a kernel whose working folder is tmp_path, with LPL_NOTEBOOK_QUICK=1 and ENV set."""
   # The kernel compiles through the session's compilation cache (what the demo's test and the CLI tests compiled).
   for k, v in dict(common.cli_env(cache), LPL_NOTEBOOK_QUICK='1', **env).items():
     monkeypatch.setenv(k, v)
@@ -21,27 +23,16 @@ def _execute(name, tmp_path, monkeypatch, cache, **env):
   return nb
 
 
-def _text(nb):
+def printed(nb):
+  """Everything the notebook's code cells printed."""
   return '\n'.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code' for o in c.outputs)
 
 
 @pytest.mark.slow
 def test_quickstart_runs(tmp_path, monkeypatch, compilation_cache_dir):
-  nb = _execute('lpl_quickstart.ipynb', tmp_path, monkeypatch, compilation_cache_dir, LPL_AE_FOLDER='')
-  text = _text(nb)
+  nb = execute('lpl_quickstart.ipynb', tmp_path, monkeypatch, compilation_cache_dir, LPL_AE_FOLDER='')
+  text = printed(nb)
   assert 'RANDOM weights' in text and 'perturbation  0.40: LPL' in text
   assert 'baseline {' in text and 'LPL {' in text
   images = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs if 'image/png' in o.get('data', {})]
   assert len(images) == 2
-
-
-@pytest.mark.slow
-def test_experiment_notebook_runs(tmp_path, monkeypatch, compilation_cache_dir):
-  nb = _execute(
-    'lpl_experiment.ipynb', tmp_path, monkeypatch, compilation_cache_dir, LPL_NOTEBOOK_WORKDIR=str(tmp_path / 'demo')
-  )
-  assert os.path.isfile(tmp_path / 'demo' / 'report.md')
-  text = _text(nb)
-  assert "baseline {'fd_small_domain'" in text and "lpl {'fd_small_domain'" in text
-  images = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs if 'image/png' in o.get('data', {})]
-  assert len(images) == 6
