@@ -343,12 +343,11 @@ class Formulation:
     nll = -_mean_flat(_discretized_log_likelihood_centered(x0, -mean_err, 0.5 * model_log_var)) / _LOG2
     return jnp.where(jnp.asarray(t) == 0, nll, kl)
 
-  def loss(self, pred: jax.Array, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
-    """Per-sample diffusion loss `[B]`: mean squared error to the target over all but the batch axis, in float32.
-
-    With `learn_sigma` (`pred [B, ..., 2C]`) it is improved DDPM's hybrid loss: the MSE of the prediction half plus
-    `vb_weight` times `vb_bits_per_dim` with the prediction half detached, so that the MSE trains only the
-    prediction channels and the bound only the variance channels.
+  def loss_terms(self, pred: jax.Array, x0: jax.Array, eps: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(mse, vb)`, each per sample `[B]` in float32: the mean squared error of the prediction to the target over all
+    but the batch axis, and with `learn_sigma` (`pred [B, ..., 2C]`) `vb_weight` times `vb_bits_per_dim` with the
+    prediction half detached (zeros without it), so that the MSE trains only the prediction channels and the bound
+    only the variance channels. A timestep weighting of the loss scales the MSE alone (`loss`).
 
     References:
       Nichol & Dhariwal 2021, section 3.1 (L_hybrid = L_simple + lambda L_vlb, the stop-gradient on the mean).
@@ -359,9 +358,23 @@ class Formulation:
     err = jnp.square(prediction.astype(jnp.float32) - self.target(x0, eps, t).astype(jnp.float32))
     mse = _mean_flat(err)
     if not self.learn_sigma:
-      return mse
+      return mse, jnp.zeros_like(mse)
     frozen = jnp.concatenate([jax.lax.stop_gradient(prediction), var_values], axis=-1)
-    return mse + self.vb_weight * self.vb_bits_per_dim(frozen, x0, eps, t)
+    return mse, self.vb_weight * self.vb_bits_per_dim(frozen, x0, eps, t)
+
+  def loss(
+    self, pred: jax.Array, x0: jax.Array, eps: jax.Array, t: jax.Array, weights: jax.Array | None = None
+  ) -> jax.Array:
+    """Per-sample diffusion loss `[B]` in float32: `weights * mse + vb` of `loss_terms` (weights 1 when None).
+
+    The weights (a timestep weighting such as Min-SNR) scale the MSE only: the variational bound trains the variance
+    channels, whose gradient does not depend on the weighting of the mean's error, as in Hang et al.'s Min-SNR code
+    on guided-diffusion, where the weight multiplies the `mse` term and the `vb` term is added unweighted.
+    """
+    mse, vb = self.loss_terms(pred, x0, eps, t)
+    if weights is not None:
+      mse = weights * mse
+    return mse + vb if self.learn_sigma else mse
 
 
 def get_formulation(

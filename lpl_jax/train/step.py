@@ -57,7 +57,8 @@ class StepConfig:
       `min_snr_gamma`, `Formulation.min_snr_weight`); `'lpl_variance'` (the paper's Eq. 15, the baseline of its
       Table 6: rows below the LPL gate weighted by `1 + w_lpl * sigma^2_LPL / sigma^2_l2`, the ratio of the running
       variances in `TrainState.loss_stats`). With `'lpl_variance'` the LPL branch runs as a probe only: its values
-      feed the variance, it adds nothing to the loss and has no backward pass.
+      feed the variance, it adds nothing to the loss and has no backward pass. The weights scale the MSE term; with
+      a learned variance (`learn_sigma`) the variational bound's term is added unweighted (`Formulation.loss`).
     stats_decay: decay of the running loss variances (updated on every step that computes LPL).
     accum_steps: gradient accumulation: the global batch is processed as this many micro-batches (a `lax.scan`),
       their gradients summed, and the optimizer applied once. Timesteps, noise and label dropout are drawn for the
@@ -304,9 +305,11 @@ def loss_fn(
   form = cfg.formulation
   cond = dict(rows.cond)
   pred = model.apply({'params': params}, rows.z_t, form.model_time(rows.t), cond.pop('y', None), **cond)
-  per_row = form.loss(pred, rows.z0, rows.eps, rows.t)
+  mse, vb = form.loss_terms(pred, rows.z0, rows.eps, rows.t)
+  per_row = mse + vb
   diffusion = jnp.mean(per_row) / accum
-  weighted = jnp.mean(diffusion_weights(cfg, rows, ratio, active, groups) * per_row) / accum
+  # The weighting scales the MSE only (`Formulation.loss`); with learn_sigma the bound's term is added unweighted.
+  weighted = jnp.mean(diffusion_weights(cfg, rows, ratio, active, groups) * mse + vb) / accum
   metrics = {'loss/diffusion': diffusion}
   if cfg.lpl is None or cfg.lpl_rows_per_group == 0:
     return weighted, metrics
@@ -334,8 +337,9 @@ def loss_fn(
   stop = jax.lax.stop_gradient
   metrics.update(
     {
-      'sums/diffusion': stop(jnp.sum(per_row)),
-      'sums/diffusion_sq': stop(jnp.sum(jnp.square(per_row))),
+      # Eq. 15's sigma^2_l2: the variance of the term its weight scales.
+      'sums/diffusion': stop(jnp.sum(mse)),
+      'sums/diffusion_sq': stop(jnp.sum(jnp.square(mse))),
       'sums/lpl': stop(lpl_sum),
       'sums/lpl_sq': lpl_sq,
     }

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lpl_jax import diffusion, lpl, train
+from lpl_jax.models.dit import DiT
 from lpl_jax.train import step as step_lib
 from tests.train import common
 
@@ -136,3 +137,40 @@ def test_min_snr_step_weights_the_rows():
   alpha, sigma = (np.asarray(v, np.float64) for v in form.alpha_sigma(rows.t))
   snr = alpha**2 / sigma**2
   assert float(metrics['loss/total']) == pytest.approx(np.mean(np.minimum(snr, GAMMA) / snr * per_row), rel=1e-5)
+
+
+def test_min_snr_weights_the_mse_and_not_the_variational_bound():
+  """With a learned variance the step's loss is mean(w * mse + vb): the weighting leaves the bound's term alone, as
+  Min-SNR's guided-diffusion code does; computed here from the two terms in NumPy."""
+  model = DiT(patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=common.CLASSES, learn_sigma=True)
+  form = diffusion.get_formulation('ddpm_eps', learn_sigma=True)
+  _, _, _, cfg = common.setup(lpl_on=False)
+  cfg = dataclasses.replace(cfg, formulation=form, loss_weighting='min_snr', min_snr_gamma=GAMMA)
+  params = common.init_params_fn(model)(jax.random.key(0))
+  rows = step_lib.noise_batch(tuple(jax.random.split(jax.random.key(2), 3)), common.batch(), cfg, 1)
+  total, metrics = step_lib.loss_fn(
+    params,
+    rows,
+    None,
+    jnp.asarray(False),
+    jnp.zeros(()),
+    model=model,
+    cfg=cfg,
+    ae_model=None,
+    mesh=None,
+    groups=1,
+    batch_size=common.BATCH,
+    accum=1,
+  )
+  pred = np.asarray(model.apply({'params': params}, rows.z_t, form.model_time(rows.t), rows.cond['y']), np.float64)
+  eps_hat, v = pred[..., :4], pred[..., 4:]
+  mse = np.mean((eps_hat - np.asarray(rows.eps, np.float64)) ** 2, axis=(1, 2, 3))
+  vb = np.asarray(form.vb_bits_per_dim(jnp.asarray(pred, jnp.float32), rows.z0, rows.eps, rows.t), np.float64)
+  alpha, sigma = (np.asarray(a, np.float64) for a in form.alpha_sigma(rows.t))
+  w = np.minimum(alpha**2 / sigma**2, GAMMA) / (alpha**2 / sigma**2)
+  assert np.all(vb > 0) and np.ptp(w) > 0.1 and v.shape == eps_hat.shape
+  assert float(total) == pytest.approx(np.mean(w * mse + vb), rel=1e-5)
+  assert abs(float(total) - np.mean(w * (mse + vb))) > 1e-3 * np.mean(vb)
+  assert float(metrics['loss/diffusion']) == pytest.approx(np.mean(mse + vb), rel=1e-5)
+  weighted = form.loss(jnp.asarray(pred, jnp.float32), rows.z0, rows.eps, rows.t, jnp.asarray(w, jnp.float32))
+  np.testing.assert_allclose(np.asarray(weighted), w * mse + vb, rtol=1e-5)
