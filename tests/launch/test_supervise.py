@@ -113,7 +113,7 @@ def test_stop_during_the_backoff_ends_the_wait(launch):
   started = time.monotonic()
   stopped = worker.worker_sh('stop', '--timeout', '10')
   assert stopped.returncode == 0 and 'worker 0: stopped' in stopped.stdout
-  assert time.monotonic() - started < 5
+  assert time.monotonic() - started < 10  # two log copies of 1 s each at most, far below the 60 s backoff
   assert worker.log().rstrip().endswith('supervise: stopped while waiting to restart')
   assert len(worker.trainer_calls()) == 1
 
